@@ -1,0 +1,57 @@
+# vmsi-server: one entry point per job. Every target installs what it needs.
+PYTHON ?= python3
+LAB_PY := PYTHONPATH=$(CURDIR)/guest-tests:$(CURDIR) $(PYTHON)
+STAMP := .setup.stamp
+
+.PHONY: setup host-packages lab test test-unit test-guest lint typecheck run demo \
+        bench bench-rtt bench-net seed-table clean
+
+## setup: Python dependencies (editable install) and host packages
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	$(MAKE) host-packages
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+host-packages:
+	@missing=""; for p in gcc make iproute2 debootstrap; do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing host packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $$missing; fi
+
+## lab: QEMU >= 10.1 (trixie-backports, in a chroot on Debian 12) and the guest image
+lab: setup
+	$(LAB_PY) -m vmsilab build
+
+## test: lint, types, unit/integration tests and the real-QEMU guest tests
+test: setup lab lint typecheck
+	$(LAB_PY) -m pytest tests guest-tests
+
+test-unit: setup
+	$(PYTHON) -m pytest tests
+
+test-guest: setup lab
+	$(LAB_PY) -m pytest guest-tests
+
+lint: setup
+	$(PYTHON) -m ruff check vmsi_server bindings tests guest-tests scripts
+
+typecheck: setup
+	$(PYTHON) -m mypy
+
+## run: the main job (guest + server + iperf3, ending in the comparison)
+run: setup lab
+	$(LAB_PY) -m vmsilab.demo
+
+demo: run
+
+bench: bench-rtt
+
+## bench-rtt: REGION_READ round trips, server vs a C echo server
+bench-rtt: setup
+	$(PYTHON) -m scripts.bench_rtt
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(STAMP)
