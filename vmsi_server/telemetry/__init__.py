@@ -1,0 +1,1 @@
+"""Counters (per region, access kind and path), CPU accounting, exports."""
