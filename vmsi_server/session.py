@@ -1,0 +1,404 @@
+"""One client connection: typed requests in, device calls, replies out.
+
+The session is where the protocol meets the device. It owns what belongs to
+the client (its DMA mappings and IRQ eventfds, both dropped when the client
+goes) and checks what needs the device's shape (region and IRQ indexes,
+bounds); the ``PciFunction`` does the rest. Every failure becomes an error
+reply with an errno, or, for posted messages, a counted and logged failure;
+the session never lets an exception out into the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from vmsi_server.dma.errors import DmaError
+from vmsi_server.dma.memory import GuestMemory
+from vmsi_server.pci.function import (
+    AccessError,
+    IrqRequest,
+    PciFunction,
+    apply_irq_eventfds,
+    validate_irq_request,
+)
+from vmsi_server.pci.irq_lines import IrqLines
+from vmsi_server.protocol import messages as m
+from vmsi_server.protocol.capabilities import ServerLimits
+from vmsi_server.protocol.connection import ServerConnection
+from vmsi_server.protocol.constants import (
+    DEVICE_INFO_ARGSZ,
+    IRQ_INFO_ARGSZ,
+    REGION_INFO_ARGSZ,
+    Command,
+    DmaUnmapFlags,
+    RegionCapabilityId,
+    RegionInfoFlags,
+    SetIrqsFlags,
+)
+from vmsi_server.protocol.errors import ProtocolError
+from vmsi_server.protocol.events import (
+    BadRequest,
+    ConnectionClosed,
+    ReplyReceived,
+    Request,
+    UnexpectedReply,
+    VersionNegotiated,
+)
+from vmsi_server.protocol.fds import close_fds
+from vmsi_server.protocol.header import Header
+from vmsi_server.telemetry.logsetup import debug_enabled
+from vmsi_server.telemetry.messages import MessageCounters
+from vmsi_server.transport.channel import Channel, ChannelClosed
+from vmsi_server.transport.loop import EventLoop
+
+log = structlog.get_logger("vmsi.session")
+
+SPARSE_MMAP_HEADER = 16
+"""Capability header (id u16, version u16, next u32) plus nr_areas u32 and a reserved u32."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """What the server advertises in VERSION and then enforces."""
+
+    max_msg_fds: int = 8
+    max_data_xfer_size: int = 1 << 20
+    max_dma_maps: int = 65535
+    pgsizes: int = 4096
+    write_multiple: bool = True
+
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(
+            max_msg_fds=self.max_msg_fds,
+            max_data_xfer_size=self.max_data_xfer_size,
+            max_dma_maps=self.max_dma_maps,
+            pgsizes=self.pgsizes,
+            write_multiple=self.write_multiple,
+        )
+
+
+class Session:
+    """Serves one PciFunction to one connected client."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        function: PciFunction,
+        loop: EventLoop,
+        limits: SessionLimits | None = None,
+        counters: MessageCounters | None = None,
+        on_closed: Callable[[], None] | None = None,
+        name: str = "device",
+    ) -> None:
+        self.name = name
+        self.function = function
+        self.limits = limits or SessionLimits()
+        self.counters = counters if counters is not None else MessageCounters()
+        self._loop = loop
+        self._channel = Channel(sock)
+        self._conn = ServerConnection(self.limits.server_limits())
+        self._memory = GuestMemory(max_maps=self.limits.max_dma_maps)
+        self._irqs = IrqLines([spec.count for spec in function.irq_specs])
+        self._on_closed = on_closed
+        self._closed = False
+        self._debug = debug_enabled()
+        self._handlers: dict[type[m.Message], Callable[[Header, m.Message], None]] = {
+            m.DmaMapRequest: self._dma_map,
+            m.DmaUnmapRequest: self._dma_unmap,
+            m.DeviceGetInfoRequest: self._device_info,
+            m.RegionInfoRequest: self._region_info,
+            m.RegionIoFdsRequest: self._region_io_fds,
+            m.IrqInfoRequest: self._irq_info,
+            m.SetIrqsRequest: self._set_irqs,
+            m.RegionReadRequest: self._region_read,
+            m.RegionWriteRequest: self._region_write,
+            m.DeviceResetRequest: self._device_reset,
+            m.DirtyPagesRequest: self._dirty_pages,
+            m.RegionWriteMultiRequest: self._region_write_multi,
+        }
+
+    # -- FunctionHost -------------------------------------------------
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
+    @property
+    def irqs(self) -> IrqLines:
+        return self._irqs
+
+    @property
+    def loop(self) -> EventLoop:
+        return self._loop
+
+    # -- lifecycle ----------------------------------------------------
+    def start(self) -> None:
+        self.function.attach(self)
+        self._loop.add_reader(self._channel.fileno(), self._on_readable)
+        log.info("session.connected", device=self.name)
+
+    def close(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._channel.fileno())
+        try:
+            self.function.detach()
+        finally:
+            self._irqs.close_all()
+            self._memory.close()
+            self._conn.close()
+            self._channel.close()
+        log.info(
+            "session.closed",
+            device=self.name,
+            reason=reason,
+            messages=self.counters.total(),
+            suppressed_errors=self._conn.suppressed_errors,
+        )
+        if self._on_closed is not None:
+            self._on_closed()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- input --------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            data, fds = self._channel.receive()
+        except ChannelClosed as exc:
+            self.close(f"client disconnected: {exc}")
+            return
+        if not data:
+            return
+        self._conn.receive_data(data, fds)
+        conn = self._conn
+        while not self._closed:
+            event = conn.next_event()
+            if event is None:
+                return
+            if type(event) is Request:
+                self._dispatch(event.header, event.message)
+            elif isinstance(event, BadRequest):
+                self._bad_request(event)
+            elif isinstance(event, VersionNegotiated):
+                self._version(event)
+            elif isinstance(event, ReplyReceived):
+                close_fds(event.fds)
+            elif isinstance(event, UnexpectedReply):
+                self.counters.error(event.header.command)
+                log.warning("session.unexpected_reply", device=self.name, reason=event.reason)
+            elif isinstance(event, ConnectionClosed):
+                self.close(event.reason)
+
+    def _bad_request(self, event: BadRequest) -> None:
+        self.counters.error(event.header.command)
+        log.warning(
+            "session.bad_request",
+            device=self.name,
+            command=event.header.command,
+            errno=event.errno,
+            reason=event.reason,
+        )
+        self._send(self._conn.error_reply(event.header, event.errno))
+        if event.fatal:
+            self.close(f"protocol error: {event.reason}")
+
+    def _dispatch(self, header: Header, message: m.Message) -> None:
+        start = time.perf_counter_ns()
+        try:
+            self._handlers[type(message)](header, message)
+        except (ProtocolError, AccessError, DmaError) as exc:
+            self._fail(header, exc.errno, str(exc))
+        except ChannelClosed as exc:
+            self.close(f"client disconnected: {exc}")
+            return
+        except Exception as exc:  # a device bug must not take the server down
+            log.exception("session.handler_crashed", device=self.name, command=header.command)
+            self._fail(header, errno.EIO, f"internal error: {exc!r}")
+        self.counters.record(header.command, time.perf_counter_ns() - start)
+
+    def _fail(self, header: Header, err: int, reason: str) -> None:
+        self.counters.error(header.command)
+        if header.no_reply:
+            log.warning(
+                "session.posted_failed", device=self.name, command=header.command,
+                errno=err, reason=reason,
+            )
+        elif self._debug or header.command != Command.REGION_READ:
+            log.info(
+                "session.request_failed", device=self.name, command=header.command,
+                errno=err, reason=reason,
+            )
+        self._send(self._conn.error_reply(header, err))
+
+    def _reply(self, header: Header, reply: m.Message, fds: tuple[int, ...] = ()) -> None:
+        data, send_fds = self._conn.reply(header, reply, fds)
+        if data:
+            self._channel.send(data, send_fds)
+
+    def _send(self, data: bytes) -> None:
+        if data:
+            try:
+                self._channel.send(data)
+            except ChannelClosed as exc:
+                self.close(f"client disconnected: {exc}")
+
+    # -- handlers -----------------------------------------------------
+    def _version(self, event: VersionNegotiated) -> None:
+        self.counters.record(event.header.command, 0)
+        log.info(
+            "session.version",
+            device=self.name,
+            client=event.request.capabilities,
+            reply=event.reply.capabilities,
+        )
+        self._reply(event.header, event.reply)
+
+    def _dma_map(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.DmaMapRequest)
+        self._memory.add(msg.address, msg.size, msg.fd, msg.offset, msg.flags)
+        if self._debug:
+            log.debug("session.dma_map", device=self.name, iova=hex(msg.address),
+                      size=msg.size, fd=msg.fd is not None)
+        self._reply(header, m.DmaMapReply())
+
+    def _dma_unmap(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.DmaUnmapRequest)
+        if msg.flags & DmaUnmapFlags.UNMAP_ALL:
+            self._memory.remove_all()
+        else:
+            self._memory.remove(msg.address, msg.size)
+        self._reply(header, m.DmaUnmapReply(msg.argsz, msg.flags, msg.address, msg.size))
+
+    def _device_info(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.DeviceGetInfoRequest)
+        function = self.function
+        self._reply(
+            header,
+            m.DeviceGetInfoReply(
+                DEVICE_INFO_ARGSZ,
+                int(function.device_flags),
+                len(function.regions),
+                len(function.irq_specs),
+            ),
+        )
+
+    def _region_info(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.RegionInfoRequest)
+        regions = self.function.regions
+        if msg.index >= len(regions):
+            raise AccessError(errno.EINVAL, f"region index {msg.index} out of range")
+        spec = regions[msg.index]
+        flags = int(spec.flags) if spec.present else 0
+        caps = b""
+        fd: int | None = None
+        if spec.present and spec.mmap_areas:
+            fd = self.function.region_fd(msg.index)
+            if fd is not None:
+                flags |= RegionInfoFlags.MMAP
+                caps = _sparse_mmap_capability(spec.mmap_areas)
+                flags |= RegionInfoFlags.CAPS
+        needed = REGION_INFO_ARGSZ + len(caps)
+        cap_offset = REGION_INFO_ARGSZ if caps else 0
+        if msg.argsz < needed:
+            # QEMU asks again with the argsz we return; never send more than asked.
+            reply = m.RegionInfoReply(needed, flags, msg.index, 0, spec.size, 0)
+            self._reply(header, reply)
+            return
+        reply = m.RegionInfoReply(needed, flags, msg.index, cap_offset, spec.size, 0, caps)
+        self._reply(header, reply, (fd,) if fd is not None else ())
+
+    def _region_io_fds(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.RegionIoFdsRequest)
+        if msg.index >= len(self.function.regions):
+            raise AccessError(errno.EINVAL, f"region index {msg.index} out of range")
+        # No ioeventfds: every access comes over the socket, in order.
+        self._reply(header, m.RegionIoFdsReply(msg.argsz, 0, msg.index, 0))
+
+    def _irq_info(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.IrqInfoRequest)
+        specs = self.function.irq_specs
+        if msg.index >= len(specs):
+            raise AccessError(errno.EINVAL, f"IRQ index {msg.index} out of range")
+        spec = specs[msg.index]
+        self._reply(header, m.IrqInfoReply(IRQ_INFO_ARGSZ, int(spec.flags), msg.index, spec.count))
+
+    def _set_irqs(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.SetIrqsRequest)
+        request = IrqRequest(
+            msg.index, SetIrqsFlags(msg.flags), msg.start, msg.count, msg.fds, msg.bools
+        )
+        try:
+            validate_irq_request(self.function.irq_specs, request)
+        except AccessError:
+            close_fds(msg.fds)
+            raise
+        applied = apply_irq_eventfds(self._irqs, request)
+        self.function.set_irqs(applied)
+        self._reply(header, m.SetIrqsReply())
+
+    def _check_access(self, region: int, offset: int, count: int) -> None:
+        regions = self.function.regions
+        if region >= len(regions):
+            raise AccessError(errno.EINVAL, f"region index {region} out of range")
+        size = regions[region].size
+        if offset + count > size:
+            raise AccessError(
+                errno.EINVAL, f"access {offset:#x}+{count} beyond region {region} ({size:#x})"
+            )
+
+    def _region_read(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.RegionReadRequest)
+        self._check_access(msg.region, msg.offset, msg.count)
+        data = self.function.read(msg.region, msg.offset, msg.count) if msg.count else b""
+        self._reply(header, m.RegionReadReply(msg.offset, msg.region, msg.count, data))
+
+    def _region_write(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.RegionWriteRequest)
+        self._check_access(msg.region, msg.offset, msg.count)
+        if msg.count:
+            self.function.write(msg.region, msg.offset, memoryview(msg.data))
+        if not header.no_reply:
+            self._reply(header, m.RegionWriteReply(msg.offset, msg.region, msg.count))
+
+    def _region_write_multi(self, header: Header, msg: m.Message) -> None:
+        assert isinstance(msg, m.RegionWriteMultiRequest)
+        for entry in msg.entries:
+            try:
+                self._check_access(entry.region, entry.offset, entry.count)
+                self.function.write(entry.region, entry.offset,
+                                    memoryview(entry.data)[: entry.count])
+            except (AccessError, DmaError) as exc:
+                # Posted: nothing to answer; the rest of the batch still applies.
+                self._fail(header, exc.errno, str(exc))
+        if not header.no_reply:
+            self._reply(header, m.RegionWriteMultiReply())
+
+    def _device_reset(self, header: Header, msg: m.Message) -> None:
+        self.function.reset()
+        log.info("session.device_reset", device=self.name)
+        self._reply(header, m.DeviceResetReply())
+
+    def _dirty_pages(self, header: Header, msg: m.Message) -> None:
+        raise AccessError(errno.EOPNOTSUPP, "dirty page tracking (retired command) not supported")
+
+
+def _sparse_mmap_capability(areas: tuple[tuple[int, int], ...]) -> bytes:
+    header = (
+        int(RegionCapabilityId.SPARSE_MMAP).to_bytes(2, "little")
+        + (1).to_bytes(2, "little")
+        + (0).to_bytes(4, "little")
+        + len(areas).to_bytes(4, "little")
+        + bytes(4)
+    )
+    body = b"".join(o.to_bytes(8, "little") + s.to_bytes(8, "little") for o, s in areas)
+    assert len(header) == SPARSE_MMAP_HEADER
+    return header + body
+

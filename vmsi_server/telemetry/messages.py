@@ -1,0 +1,84 @@
+"""Per-command message counters of a device: count, errors, service time.
+
+Kept per endpoint (not per connection) so figures survive a QEMU restart and
+the main job can read them after the guest is gone. Service time is the time
+from a decoded request to its reply being handed to the socket, which is the
+part of a vCPU's wait the server is responsible for.
+"""
+
+from __future__ import annotations
+
+from vmsi_server.protocol.constants import Command
+
+_BUCKETS = 32
+"""log2 buckets of nanoseconds: bucket b holds [2^b, 2^(b+1)) ns; 2^31 ns is 2 s."""
+
+
+class MessageCounters:
+    """Counts and a log2 latency histogram per command number."""
+
+    __slots__ = ("counts", "errors", "histograms", "total_ns")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.errors: dict[int, int] = {}
+        self.total_ns: dict[int, int] = {}
+        self.histograms: dict[int, list[int]] = {}
+
+    def record(self, command: int, elapsed_ns: int) -> None:
+        counts = self.counts
+        counts[command] = counts.get(command, 0) + 1
+        self.total_ns[command] = self.total_ns.get(command, 0) + elapsed_ns
+        hist = self.histograms.get(command)
+        if hist is None:
+            hist = self.histograms[command] = [0] * _BUCKETS
+        hist[min(_BUCKETS - 1, max(0, elapsed_ns.bit_length() - 1))] += 1
+
+    def error(self, command: int) -> None:
+        self.errors[command] = self.errors.get(command, 0) + 1
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def count(self, command: int) -> int:
+        return self.counts.get(command, 0)
+
+    def percentile_ns(self, command: int, fraction: float) -> int | None:
+        """Upper bound of the bucket holding the given fraction of samples."""
+        hist = self.histograms.get(command)
+        if not hist:
+            return None
+        wanted = fraction * sum(hist)
+        seen = 0
+        for bucket, n in enumerate(hist):
+            seen += n
+            if seen >= wanted and n:
+                return 1 << (bucket + 1)
+        return None
+
+    def snapshot(self) -> dict[str, dict[str, float | int | None]]:
+        out: dict[str, dict[str, float | int | None]] = {}
+        for command, n in sorted(self.counts.items()):
+            name = _name(command)
+            out[name] = {
+                "count": n,
+                "errors": self.errors.get(command, 0),
+                "mean_us": round(self.total_ns[command] / n / 1000, 2),
+                "p50_us_le": _us(self.percentile_ns(command, 0.5)),
+                "p99_us_le": _us(self.percentile_ns(command, 0.99)),
+            }
+        for command, n in sorted(self.errors.items()):
+            if command not in self.counts:
+                out[_name(command)] = {"count": 0, "errors": n}
+        return out
+
+
+def _name(command: int) -> str:
+    try:
+        return Command(command).name
+    except ValueError:
+        return f"UNKNOWN_{command}"
+
+
+def _us(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1000, 2)

@@ -1,0 +1,44 @@
+"""One JSON-ready picture of a running server: messages, MSI-X paths, NIC, CPU."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vmsi_server.telemetry.cpu import process_cpu_seconds
+
+if TYPE_CHECKING:
+    from vmsi_server.app import BuiltServer
+
+
+def server_snapshot(built: BuiltServer) -> dict[str, Any]:
+    devices: dict[str, Any] = {}
+    for endpoint, vf in zip(built.server.endpoints, built.vfs, strict=True):
+        session = endpoint.session
+        devices[endpoint.name] = {
+            "connected": session is not None,
+            "sessions_served": endpoint.sessions_served,
+            "clients_refused": endpoint.refused,
+            "messages": endpoint.counters.snapshot(),
+            "eventfd_swaps": session.irqs.swaps if session is not None else None,
+            "msix": vf.counters.snapshot(),
+            "nic": vf.stats.snapshot(),
+            "mac": vf.pf.vf(vf.vf_index).mac.hex(":"),
+        }
+    slow = built.slow_path
+    return {
+        "policy": built.vfs[0].msix.policy.value if built.vfs else None,
+        "cpu": {
+            "io_process_seconds": process_cpu_seconds(),
+            "slowpath_seconds": slow.cpu_seconds() if slow is not None else None,
+        },
+        "slowpath": None
+        if slow is None
+        else {
+            "pid": slow.pid,
+            "restarts": slow.restarts,
+            "timeouts": slow.timeouts,
+            "errors": slow.errors,
+            "counters": built.counters.snapshot(),
+        },
+        "devices": devices,
+    }
