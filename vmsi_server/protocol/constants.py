@@ -7,12 +7,13 @@ they are declared once and imported everywhere else.
 
 from __future__ import annotations
 
-import errno
 import enum
+import errno
 import struct
 
 HEADER_SIZE = 16
-"""Every message starts with a 16-byte header: id u16, command u16, size u32, flags u32, error u32."""
+"""Every message starts with a 16-byte header:
+id u16, command u16, size u32, flags u32, error u32."""
 
 HEADER_STRUCT = struct.Struct("<HHIII")
 
@@ -159,3 +160,41 @@ EBUSY = errno.EBUSY
 EIO = errno.EIO
 ENODEV = errno.ENODEV
 ETIMEDOUT = errno.ETIMEDOUT
+
+# --- Added with the sans-io core (vmsi_server/protocol/{messages,connection}.py) ---
+
+U32_LIMIT = 1 << 32
+"""One past the largest u32: ``start + count`` of SET_IRQS must not reach it."""
+U64_LIMIT = 1 << 64
+"""One past the largest u64: ``offset + count`` / ``address + size`` must not reach it."""
+
+MESSAGE_TYPE_MASK = 0x0F
+NO_REPLY = 0x10
+ERROR_FLAG = 0x20
+KNOWN_HEADER_FLAGS = MESSAGE_TYPE_MASK | NO_REPLY | ERROR_FLAG
+
+SET_IRQS_KNOWN_FLAGS = 0x3F
+"""DATA_NONE|DATA_BOOL|DATA_EVENTFD|ACTION_MASK|ACTION_UNMASK|ACTION_TRIGGER."""
+SET_IRQS_DATA_MASK = 0x07
+SET_IRQS_ACTION_MASK = 0x38
+
+DIRTY_PAGES_FIXED = 8
+"""argsz u32 + flags u32: all the retired DIRTY_PAGES body we decode before refusing it."""
+REGION_IO_FDS_ENTRY = 40
+DMA_RW_FIXED = 16
+"""Fixed part of a DMA_READ/DMA_WRITE body in both layouts: spec (u64 address, u64 count)
+and QEMU (u64 address, u32 count, then data at 12 and 4 bytes of struct padding at the end,
+because QEMU's ``sizeof(VFIOUserDMARW)`` is 32 and it checks ``size >= 32 + count``)."""
+
+QEMU_MAX_MSG_FDS = 16
+"""QEMU refuses a server ``max_msg_fds`` above this ("malformed max_msg_fds")."""
+QEMU_MAX_DATA_XFER_SIZE = 64 << 20
+"""QEMU refuses a server ``max_data_xfer_size`` above this (VFIO_USER_MAX_MAX_XFER)."""
+SPEC_DEFAULT_MAX_MSG_FDS = 1
+"""The specification's default for an absent ``max_msg_fds``; QEMU assumes 8 instead."""
+MIN_DATA_XFER_SIZE = 4096
+"""QEMU reads the whole (PCIe) config space in one REGION_READ and refuses locally any
+read above the server's limit, so a server limit below 4 KiB breaks realize."""
+
+PRE_VERSION_MAX_MESSAGE = HEADER_SIZE + VERSION_FIXED + MAX_VERSION_JSON + 1
+"""Largest message accepted before VERSION: the largest legal VERSION request."""
