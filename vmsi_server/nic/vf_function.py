@@ -1,0 +1,272 @@
+"""The 82576 VF as a PCI function: config space, BAR0 registers, BAR3 MSI-X.
+
+This is where the layers meet. Config writes go to the config-space model and
+its events fan out (MSI-X enable and function mask to the MSI-X controller,
+FLR to a reset, bus-master off to a DMA stop). BAR0 goes to ``VfCore``; BAR3 to
+the MSI-X controller, whose ``trigger`` is what ``VfCore`` calls to send an
+interrupt, so masking and pending bits apply to every interrupt the NIC
+raises. The tap fd is watched on the loop only while a client is attached and
+the RX ring has room, so a full ring costs no busy loop.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+import structlog
+
+from vmsi_server.dma.memory import GuestMemory
+from vmsi_server.msix.controller import MsixController
+from vmsi_server.msix.layout import MsixGeometry
+from vmsi_server.msix.policy import PathPolicy
+from vmsi_server.msix.slowpath import SlowPath
+from vmsi_server.nic import registers as r
+from vmsi_server.nic.backend.base import PacketBackend
+from vmsi_server.nic.backend.loop import LoopBackend
+from vmsi_server.nic.pf import Pf, VfPort
+from vmsi_server.nic.rx import RxQueue
+from vmsi_server.nic.stats import VfStats
+from vmsi_server.nic.tx import TxQueue
+from vmsi_server.nic.vf_core import VfCore
+from vmsi_server.pci.config_space import (
+    CommandChanged,
+    FunctionLevelReset,
+    MsixControlChanged,
+)
+from vmsi_server.pci.function import (
+    AccessError,
+    FunctionHost,
+    IrqRequest,
+    IrqSpec,
+    PciFunction,
+    RegionSpec,
+)
+from vmsi_server.pci.igbvf_layout import (
+    IGBVF_BAR_SIZE,
+    IGBVF_LAYOUT,
+    IGBVF_MSIX_BAR,
+    IGBVF_MSIX_OFFSET,
+    IGBVF_MSIX_PBA_OFFSET,
+    IGBVF_MSIX_TABLE_OFFSET,
+    IGBVF_MSIX_VECTORS,
+    IGBVF_REGISTER_BAR,
+)
+from vmsi_server.protocol.constants import IrqIndex, IrqInfoFlags, RegionIndex, RegionInfoFlags
+from vmsi_server.telemetry.counters import Counters
+from vmsi_server.transport.loop import EventLoop
+
+log = structlog.get_logger("vmsi.vf")
+
+REGISTER_BAR = IGBVF_REGISTER_BAR
+MSIX_BAR = IGBVF_MSIX_BAR
+BAR_SIZE = IGBVF_BAR_SIZE
+CONFIG_SIZE = 4096
+MSIX_CAP_LENGTH = 12
+RW = RegionInfoFlags.READ | RegionInfoFlags.WRITE
+
+GEOMETRY = MsixGeometry(
+    vectors=IGBVF_MSIX_VECTORS,
+    table_bar=MSIX_BAR,
+    table_offset=IGBVF_MSIX_TABLE_OFFSET,
+    pba_bar=MSIX_BAR,
+    pba_offset=IGBVF_MSIX_PBA_OFFSET,
+)
+
+REGIONS: tuple[RegionSpec, ...] = (
+    RegionSpec(RegionIndex.BAR0, BAR_SIZE, RW),  # register file, traps (no mmap)
+    RegionSpec(RegionIndex.BAR1),  # upper half of 64-bit BAR0
+    RegionSpec(RegionIndex.BAR2),
+    RegionSpec(RegionIndex.BAR3, BAR_SIZE, RW),  # MSI-X table and PBA
+    RegionSpec(RegionIndex.BAR4),  # upper half of 64-bit BAR3
+    RegionSpec(RegionIndex.BAR5),
+    RegionSpec(RegionIndex.ROM),
+    RegionSpec(RegionIndex.CONFIG, CONFIG_SIZE, RW),
+    RegionSpec(RegionIndex.VGA),
+)
+
+IRQS: tuple[IrqSpec, ...] = (
+    IrqSpec(IrqIndex.INTX, 0),  # a VF has no INTx (Interrupt Pin 0)
+    IrqSpec(IrqIndex.MSI, 0),
+    # MASKABLE: the server implements MSI-X mask/unmask actions (stock QEMU
+    # never sends them, but the replay client does). Never NORESIZE: QEMU would
+    # then tear down all vectors whenever the set grows.
+    IrqSpec(IrqIndex.MSIX, IGBVF_MSIX_VECTORS, IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE),
+    IrqSpec(IrqIndex.ERR, 1),
+    IrqSpec(IrqIndex.REQ, 1),
+)
+
+
+class Igb82576Vf(PciFunction):
+    """One VF of the emulated 82576 PF."""
+
+    def __init__(
+        self,
+        pf: Pf,
+        vf_index: int,
+        loop: EventLoop,
+        backend: PacketBackend | None = None,
+        policy: PathPolicy = PathPolicy.SHADOW,
+        slow_path: SlowPath | None = None,
+        counters: Counters | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = f"vf{vf_index}"
+        self.vf_index = vf_index
+        self.pf = pf
+        self.loop = loop
+        self.counters = counters or Counters()
+        self.config = IGBVF_LAYOUT.build()
+        self.msix = MsixController(
+            GEOMETRY, policy=policy, slow_path=slow_path, function_id=vf_index,
+            counters=self.counters,
+        )
+        self.backend: PacketBackend = backend if backend is not None else LoopBackend(keep=False)
+        self.stats = VfStats()
+        port = pf.vf(vf_index)
+        self.tx = TxQueue(self._dma_memory, self.backend, self.stats)
+        self.rx = RxQueue(self._dma_memory, self.backend, self.stats, accepts=port.accepts)
+        self.core = VfCore(
+            pf, vf_index, self._deliver, loop, self.tx, self.rx, stats=self.stats,
+            port_changed=self._port_changed,
+        )
+        self._bus_master = False
+        self._rx_watched = False
+
+    # -- description --------------------------------------------------
+    @property
+    def regions(self) -> Sequence[RegionSpec]:
+        return REGIONS
+
+    @property
+    def irq_specs(self) -> Sequence[IrqSpec]:
+        return IRQS
+
+    # -- lifecycle ----------------------------------------------------
+    def attach(self, host: FunctionHost) -> None:
+        super().attach(host)
+        self.msix.attach(host.irqs)
+        self._watch_rx(True)
+
+    def detach(self) -> None:
+        self._watch_rx(False)
+        self.msix.detach()
+        super().detach()
+
+    def reset(self) -> None:
+        """Power-on state for DEVICE_RESET and FLR; in-flight work is dropped."""
+        self.core.reset()
+        self.msix.reset()
+        self.config.reset()
+        self._bus_master = False
+        self.counters.incr("vf.reset")
+
+    def close(self) -> None:
+        self._watch_rx(False)
+        self.core.close()
+        self.msix.close()
+        self.backend.close()
+
+    # -- DMA gate -----------------------------------------------------
+    def _dma_memory(self) -> GuestMemory | None:
+        """Guest memory while the device may master the bus, else None (no DMA)."""
+        if not self._bus_master or self._host is None:
+            return None
+        return self._host.memory
+
+    def _port_changed(self, port: VfPort) -> None:
+        """Mailbox answers and resets change what RX accepts (SET_LPE)."""
+        self.rx.max_frame = port.max_frame
+
+    def _deliver(self, vector: int) -> None:
+        self.msix.trigger(vector)
+
+    # -- RX readiness -------------------------------------------------
+    def _watch_rx(self, on: bool) -> None:
+        fd = self.backend.fileno()
+        if fd is None or on == self._rx_watched:
+            return
+        if on:
+            self.loop.add_reader(fd, self._on_rx_ready)
+        else:
+            self.loop.remove_reader(fd)
+        self._rx_watched = on
+
+    def _on_rx_ready(self) -> None:
+        delivered = self.rx.poll()
+        if delivered:
+            self.core.rx_delivered(delivered)
+        if not self.rx.has_room():
+            # Stop watching until the driver gives buffers back (RDT write).
+            self._watch_rx(False)
+
+    # -- accesses -----------------------------------------------------
+    def read(self, region: int, offset: int, count: int) -> bytes:
+        if region == REGISTER_BAR:
+            return self.core.read(offset, count).to_bytes(count, "little")
+        if region == MSIX_BAR:
+            return self._msix_bar_read(offset, count)
+        if region == RegionIndex.CONFIG:
+            return self.config.read(offset, count)
+        raise AccessError(errno.EINVAL, f"region {region} is not readable")
+
+    def write(self, region: int, offset: int, data: memoryview) -> None:
+        if region == REGISTER_BAR:
+            count = len(data)
+            self.core.write(offset, count, int.from_bytes(data, "little"))
+            if offset == r.RDT0 and not self._rx_watched and self._host is not None:
+                self._watch_rx(self.rx.has_room())
+            return
+        if region == MSIX_BAR:
+            self._msix_bar_write(offset, data)
+            return
+        if region == RegionIndex.CONFIG:
+            self._config_write(offset, bytes(data))
+            return
+        raise AccessError(errno.EINVAL, f"region {region} is not writable")
+
+    def _msix_bar_read(self, offset: int, count: int) -> bytes:
+        if self.msix.handles(MSIX_BAR, offset):
+            return self.msix.read(MSIX_BAR, offset, count)
+        # The rest of BAR3 is reserved: reads as zero, like unimplemented registers.
+        return bytes(count)
+
+    def _msix_bar_write(self, offset: int, data: memoryview) -> None:
+        if self.msix.handles(MSIX_BAR, offset):
+            self.msix.write(MSIX_BAR, offset, data)
+        else:
+            self.counters.incr("vf.bar3_reserved_write")
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        events = self.config.write(offset, data)
+        touched_msix = (
+            offset < IGBVF_MSIX_OFFSET + MSIX_CAP_LENGTH
+            and offset + len(data) > IGBVF_MSIX_OFFSET
+        )
+        for event in events:
+            if isinstance(event, CommandChanged):
+                self._bus_master = event.bus_master
+            elif isinstance(event, FunctionLevelReset):
+                log.info("vf.flr", vf=self.vf_index)
+                self.reset()
+                return
+        if touched_msix:
+            # Every write into the capability is an MSI-X event (forward-all
+            # charges even those that change nothing); the controller decides.
+            control = next((e for e in events if isinstance(e, MsixControlChanged)), None)
+            enabled, masked = (
+                (control.enabled, control.function_masked)
+                if control is not None
+                else self._msix_control_bits()
+            )
+            self.msix.control_changed(enabled, masked)
+
+    def _msix_control_bits(self) -> tuple[bool, bool]:
+        control = self.config.read_int(IGBVF_MSIX_OFFSET + 2, 2)
+        return bool(control & 0x8000), bool(control & 0x4000)
+
+    def set_irqs(self, request: IrqRequest) -> None:
+        if request.index == IrqIndex.MSIX:
+            self.msix.set_irqs(request)
+        else:
+            super().set_irqs(request)
