@@ -97,6 +97,10 @@ class Server:
         if conn is None:
             return
         if endpoint.session is not None:
+            # The old client may already be gone with its EOF still queued
+            # (a QEMU restart connects at once): settle that before refusing.
+            endpoint.session.drain()
+        if endpoint.session is not None:
             endpoint.refused += 1
             log.warning("server.client_refused", device=endpoint.name, reason="busy")
             _refuse(conn)

@@ -11,6 +11,7 @@ the session never lets an exception out into the loop.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -163,6 +164,14 @@ class Session:
         )
         if self._on_closed is not None:
             self._on_closed()
+
+    def drain(self) -> None:
+        """Handle whatever the client already sent (or its EOF), without blocking."""
+        while not self._closed:
+            readable, _, _ = select.select([self._channel.fileno()], [], [], 0)
+            if not readable:
+                return
+            self._on_readable()
 
     @property
     def closed(self) -> bool:

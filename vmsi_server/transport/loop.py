@@ -86,14 +86,19 @@ class EventLoop:
         elif self._timers:
             until_next = max(0.0, self._timers[0].when - time.monotonic())
             timeout = until_next if timeout is None else min(timeout, until_next)
+        readers = self._readers
         for key, _events in self._selector.select(timeout):
             callback: Callback = key.data
-            callback()
+            # A callback earlier in this batch may have removed this reader (a
+            # session closing) and its fd number may already belong to someone
+            # else: run only what is still registered.
+            if readers.get(key.fd) is callback:
+                self._run(callback)
         self._run_due_timers()
         if self._soon:
             soon, self._soon = self._soon, []
             for callback in soon:
-                callback()
+                self._run(callback)
 
     def _run_due_timers(self) -> None:
         timers = self._timers
@@ -105,7 +110,15 @@ class EventLoop:
             callback = handle.callback
             if callback is not None:
                 handle.callback = None
-                callback()
+                self._run(callback)
+
+    @staticmethod
+    def _run(callback: Callback) -> None:
+        """Run one callback; a bug in one device must not stop the others."""
+        try:
+            callback()
+        except Exception:
+            log.exception("loop.callback_failed", callback=repr(callback))
 
     def run_forever(self) -> None:
         self._stopping = False
