@@ -33,8 +33,14 @@ def ctrl(counters: Counters) -> MsixController:
 
 @pytest.fixture
 def live(ctrl: MsixController, lines: Lines) -> MsixController:
-    """Enabled, not function-masked, eventfds on all vectors, all entries still masked."""
+    """Enabled, not function-masked, eventfds on all vectors, all entries masked.
+
+    The client forwards the table (it masks every entry, as Linux does at MSI-X
+    setup), so the table's mask bits gate delivery.
+    """
     ctrl.attach(lines.irqs)
+    for vector in range(ctrl.geometry.vectors):
+        ctrl.table_write(vector * 16 + 12, (1).to_bytes(4, "little"))
     lines.install(ctrl, 0, 1, 2)
     ctrl.control_changed(enabled=True, function_masked=False)
     return ctrl

@@ -144,6 +144,7 @@ def test_eventfd_install_for_masked_pending_vector_does_not_deliver(
     ctrl: MsixController, lines: Lines
 ) -> None:
     ctrl.attach(lines.irqs)
+    mask(ctrl, 0)  # a client that forwards the table
     ctrl.control_changed(enabled=True, function_masked=False)
     ctrl.trigger(0)
     lines.install(ctrl, 0)
@@ -355,6 +356,45 @@ def test_counters_snapshot_is_json_and_counts_fast_reads(
     assert seen[("msix-table", "read-addr-data", "fast")] == 1
     assert seen[("msix-table", "read-control", "fast")] == 1
     assert seen[("msix-table", "read-qword", "fast")] == 1
-    assert seen[("msix-table", "write-control", "fast")] == 1
+    assert seen[("msix-table", "write-control", "fast")] == 3 + 1  # fixture masks + ours
     assert seen[("msix-vector", "pended", "fast")] == 1
     assert "cpu.io_process_seconds" in snap["gauges"]
+
+
+# -- a client that never touches the table (stock QEMU emulates it) -----------
+
+
+def test_table_mask_bits_do_not_gate_a_client_that_never_writes_the_table(
+    ctrl: MsixController, lines: Lines
+) -> None:
+    ctrl.attach(lines.irqs)
+    lines.install(ctrl, 0, 1, 2)
+    ctrl.control_changed(enabled=True, function_masked=False)
+    assert ctrl.masked(1)  # power-on value, never cleared by QEMU
+    assert not ctrl.table_forwarded
+    assert ctrl.trigger(1) is True
+    assert lines.fired(1) == 1
+    assert not ctrl.pending(1)
+
+
+def test_function_mask_still_gates_a_client_that_never_writes_the_table(
+    ctrl: MsixController, lines: Lines
+) -> None:
+    ctrl.attach(lines.irqs)
+    lines.install(ctrl, 0, 1, 2)
+    ctrl.control_changed(enabled=True, function_masked=True)
+    assert ctrl.trigger(2) is False
+    assert ctrl.pending(2)
+    ctrl.control_changed(enabled=True, function_masked=False)
+    assert lines.fired(2) == 1
+    assert not ctrl.pending(2)
+
+
+def test_table_ownership_is_per_client(live: MsixController, lines: Lines) -> None:
+    assert live.table_forwarded
+    assert live.trigger(0) is False  # masked by the table-writing client
+    live.detach()
+    live.attach(lines.irqs)  # a new client (e.g. QEMU) that emulates the table itself
+    assert not live.table_forwarded
+    assert lines.fired(0) == 1  # the pending vector is now deliverable: delivered once
+    assert not live.pending(0)

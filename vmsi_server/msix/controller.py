@@ -25,6 +25,13 @@ start.
 
 Stock QEMU never sends table accesses (it emulates the table); from it this
 controller sees PBA reads, Message Control changes and SET_IRQS fd swaps only.
+So the table's mask bits gate delivery only once the connected client has
+written the table ("the client forwards the table", as the replay client and a
+pre-2010 Xen device model do). Until then the bits are the power-on "masked"
+that nobody will ever clear, and QEMU applies the guest's per-vector mask
+itself (it swaps eventfds under KVM; under TCG its MSI-X core latches the
+interrupt). Enable, function mask, client masks and missing eventfds always
+gate: those QEMU does tell the server.
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ class MsixController:
         self._enabled = False
         self._function_masked = False
         self._irqs: IrqLines | None = None
+        self._table_forwarded = False
         self._time_fast = self.counters.time_fast_path
         # Without a slow path every decision is "fast": there is no device model.
         self._routes: dict[AccessKind, tuple[Path, AccessStat]] = {}
@@ -108,11 +116,18 @@ class MsixController:
     def attach(self, irqs: IrqLines) -> None:
         """A client connected: its eventfds are where vectors go from now on."""
         self._irqs = irqs
+        self._table_forwarded = False
         self._redeliver()
 
     def detach(self) -> None:
         """The client went: triggers only set pending bits until the next attach."""
         self._irqs = None
+        self._table_forwarded = False
+
+    @property
+    def table_forwarded(self) -> bool:
+        """Whether this client writes the table (so its mask bits are authoritative)."""
+        return self._table_forwarded
 
     def close(self) -> None:
         """Forget the function in the slow path (the device is going away)."""
@@ -209,6 +224,7 @@ class MsixController:
     def table_write(self, offset: int, data: bytes | memoryview) -> None:
         size = len(data)
         check_access("MSI-X table", offset, size, self._table_size)
+        self._table_forwarded = True
         value = int.from_bytes(data, "little")
         index = offset >> 2
         vector = offset // ENTRY_SIZE
@@ -418,7 +434,10 @@ class MsixController:
         return (
             self._enabled
             and not self._function_masked
-            and not (self._dwords[vector * DWORDS_PER_ENTRY + _CONTROL] & VECTOR_CONTROL_MASKBIT)
+            and not (
+                self._table_forwarded
+                and self._dwords[vector * DWORDS_PER_ENTRY + _CONTROL] & VECTOR_CONTROL_MASKBIT
+            )
             and not ((self._client_masked | self._shadow.dirty) >> vector & 1)
         )
 
