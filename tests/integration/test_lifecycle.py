@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -150,3 +151,15 @@ def _wait(predicate: object, timeout: float = 5.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("condition not reached")
+
+
+def test_vmsi_ctl_prints_live_counters(server: RunningServer) -> None:
+    with server.client() as c:
+        c.read32(RegionIndex.CONFIG, 0)
+        out = subprocess.run(
+            [sys.executable, "-m", "vmsi_server.ctl", "--control-socket", server.control_path],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    assert "vf0" in out and "connected" in out
+    assert re.search(r"REGION_READ\s+1\b", out), out
+    assert "policy: shadow" in out
