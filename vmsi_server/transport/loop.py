@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import selectors
 import time
 from collections.abc import Callable
@@ -49,6 +50,8 @@ class EventLoop:
         self._soon: list[Callback] = []
         self._seq = itertools.count()
         self._stopping = False
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
 
     # -- registration -------------------------------------------------
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -69,6 +72,26 @@ class EventLoop:
 
     def call_soon(self, callback: Callback) -> None:
         self._soon.append(callback)
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        """Schedule from another thread (tests, tools) and wake the loop's wait."""
+        if self._wake_w is None:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._wake_r, self._wake_w = r, w
+            self.add_reader(r, self._drain_wakeups)
+        self._soon.append(callback)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already woken
+
+    def _drain_wakeups(self) -> None:
+        assert self._wake_r is not None
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     # -- running ------------------------------------------------------
     def stop(self) -> None:
@@ -126,6 +149,10 @@ class EventLoop:
             self.run_once()
 
     def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
         self._selector.close()
         self._readers.clear()
         self._timers.clear()
