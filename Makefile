@@ -3,14 +3,14 @@ PYTHON ?= python3
 LAB_PY := PYTHONPATH=$(CURDIR)/guest-tests:$(CURDIR) $(PYTHON)
 STAMP := .setup.stamp
 
-.PHONY: setup host-packages lab test test-unit test-guest lint typecheck run demo \
+.PHONY: setup host-packages lab test test-unit test-guest lint typecheck run \
         bench bench-rtt bench-net seed-table clean
 
 ## setup: Python dependencies (editable install) and host packages
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(MAKE) host-packages
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test,report]'
 	touch $(STAMP)
 
 host-packages:
@@ -41,17 +41,25 @@ lint: setup
 typecheck: setup
 	$(PYTHON) -m mypy
 
-## run: the main job (guest + server + iperf3, ending in the comparison)
+## run: the main job (guest + server + iperf3 under each MSI-X policy, ending in the
+## exit-counter comparison; reports in results/). RUN_ARGS passes options, e.g.
+## make run RUN_ARGS="--quick"   (see: python -m vmsilab.mainjob --help)
 run: setup lab
-	$(LAB_PY) -m vmsilab.demo
+	$(LAB_PY) -m vmsilab.mainjob $(RUN_ARGS)
 
-demo: run
+bench: bench-rtt bench-net seed-table
 
-bench: bench-rtt
-
-## bench-rtt: REGION_READ round trips, server vs a C echo server
+## bench-rtt: REGION_READ round trips, server vs a C echo server (same syscalls)
 bench-rtt: setup
-	$(PYTHON) -m scripts.bench_rtt
+	$(PYTHON) -m scripts.bench_rtt $(BENCH_ARGS)
+
+## bench-net: iperf3 both ways through the VF and through QEMU's e1000e, same run
+bench-net: setup lab
+	$(LAB_PY) -m scripts.bench_net $(BENCH_ARGS)
+
+## seed-table: 24 replayed guests under legacy and shadow, with the 2010 figures
+seed-table: setup
+	$(PYTHON) -m scripts.seed_table $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(STAMP)
