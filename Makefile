@@ -3,7 +3,7 @@ PYTHON ?= python3
 LAB_PY := PYTHONPATH=$(CURDIR)/guest-tests:$(CURDIR) $(PYTHON)
 STAMP := .setup.stamp
 
-.PHONY: setup host-packages lab test test-unit test-guest lint typecheck run \
+.PHONY: setup host-packages lab test test-unit test-guest lint typecheck run run-quick \
         bench bench-rtt bench-net seed-table clean
 
 ## setup: Python dependencies (editable install) and host packages
@@ -46,6 +46,9 @@ typecheck: setup
 ## make run RUN_ARGS="--quick"   (see: python -m vmsilab.mainjob --help)
 run: setup lab
 	$(LAB_PY) -m vmsilab.mainjob $(RUN_ARGS)
+
+run-quick: setup lab
+	$(LAB_PY) -m vmsilab.mainjob --quick $(RUN_ARGS)
 
 bench: bench-rtt bench-net seed-table
 

@@ -256,6 +256,11 @@ class Guest:
         if chunk:
             self._serial += chunk.replace(b"\r", b"")
 
+    def text(self, start: int = 0, end: int | None = None) -> str:
+        """Serial output between two byte offsets (``cursor`` / match positions)."""
+        self._read_serial()
+        return self._serial[start:end].decode("utf-8", "replace")
+
     def _error(self, what: str) -> GuestError:
         return GuestError(
             f"{what} ({self.run_dir})\n--- qemu log tail:\n{file_tail(self.qemu_log)}"
@@ -287,6 +292,26 @@ class Guest:
             if time.monotonic() > deadline:
                 raise self._error(f"timeout after {timeout} s waiting for {rx.pattern!r}")
             time.sleep(0.05)
+
+    def poll_for(self, pattern: str | bytes) -> re.Match[bytes] | None:
+        """Non-blocking ``wait_for``: the first match after the cursor (advancing the
+        cursor past it), or None. For driving several guests from one loop; raises
+        GuestError if QEMU has exited without printing ``pattern``."""
+        rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        self._read_serial()
+        m = rx.search(self._serial, self.cursor)
+        if m:
+            self.cursor = m.end()
+            return m
+        if self._proc is None or self._proc.poll() is not None:
+            self._read_serial()  # what it printed on the way out
+            m = rx.search(self._serial, self.cursor)
+            if m:
+                self.cursor = m.end()
+                return m
+            rc = None if self._proc is None else self._proc.returncode
+            raise self._error(f"QEMU exited (rc={rc}) before {rx.pattern!r}")
+        return None
 
     def default_boot_timeout(self) -> float:
         return 120.0 if self.accel.name == "tcg" else 60.0
