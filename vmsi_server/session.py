@@ -31,7 +31,7 @@ from vmsi_server.pci.function import (
 from vmsi_server.pci.irq_lines import IrqLines
 from vmsi_server.protocol import messages as m
 from vmsi_server.protocol.capabilities import ServerLimits
-from vmsi_server.protocol.connection import ServerConnection
+from vmsi_server.protocol.connection import REGION_READ_REQUEST_SIZE, ServerConnection
 from vmsi_server.protocol.constants import (
     DEVICE_INFO_ARGSZ,
     IRQ_INFO_ARGSZ,
@@ -46,6 +46,7 @@ from vmsi_server.protocol.errors import ProtocolError
 from vmsi_server.protocol.events import (
     BadRequest,
     ConnectionClosed,
+    Event,
     ReplyReceived,
     Request,
     UnexpectedReply,
@@ -59,6 +60,9 @@ from vmsi_server.transport.channel import Channel, ChannelClosed
 from vmsi_server.transport.loop import EventLoop
 
 log = structlog.get_logger("vmsi.session")
+
+_now_ns = time.perf_counter_ns
+_REGION_READ = int(Command.REGION_READ)  # counters are keyed by the header's plain int
 
 SPARSE_MMAP_HEADER = 16
 """Capability header (id u16, version u16, next u32) plus nr_areas u32 and a reserved u32."""
@@ -104,11 +108,15 @@ class Session:
         self._loop = loop
         self._channel = Channel(sock)
         self._conn = ServerConnection(self.limits.server_limits())
+        self._events = self._conn.pending_events
         self._memory = GuestMemory(max_maps=self.limits.max_dma_maps)
         self._irqs = IrqLines([spec.count for spec in function.irq_specs])
         self._on_closed = on_closed
         self._closed = False
         self._debug = debug_enabled()
+        self._region_sizes = tuple(spec.size for spec in function.regions)
+        """Region sizes for the bounds check of every access (a function's regions are
+        fixed: they are what GET_REGION_INFO told the client)."""
         self._handlers: dict[type[m.Message], Callable[[Header, m.Message], None]] = {
             m.DmaMapRequest: self._dma_map,
             m.DmaUnmapRequest: self._dma_unmap,
@@ -179,6 +187,14 @@ class Session:
 
     # -- input --------------------------------------------------------
     def _on_readable(self) -> None:
+        """One read: feed it to the connection and serve every event it yields.
+
+        The top of every round trip. A read holding exactly one synchronous
+        REGION_READ (how QEMU sends every guest MMIO/config read) is answered in
+        :meth:`_serve_read` without building events; anything else goes through
+        the connection, requests first and by exact type, the rest through
+        :meth:`_other_event`.
+        """
         try:
             data, fds = self._channel.receive()
         except ChannelClosed as exc:
@@ -186,25 +202,30 @@ class Session:
             return
         if not data:
             return
+        read = self._conn.peek_region_read(data, fds)
+        if read is not None and self._serve_read(*read):
+            return
         self._conn.receive_data(data, fds)
-        conn = self._conn
-        while not self._closed:
-            event = conn.next_event()
-            if event is None:
-                return
+        events = self._events
+        while events and not self._closed:
+            event = events.popleft()
             if type(event) is Request:
                 self._dispatch(event.header, event.message)
-            elif isinstance(event, BadRequest):
-                self._bad_request(event)
-            elif isinstance(event, VersionNegotiated):
-                self._version(event)
-            elif isinstance(event, ReplyReceived):
-                close_fds(event.fds)
-            elif isinstance(event, UnexpectedReply):
-                self.counters.error(event.header.command)
-                log.warning("session.unexpected_reply", device=self.name, reason=event.reason)
-            elif isinstance(event, ConnectionClosed):
-                self.close(event.reason)
+            else:
+                self._other_event(event)
+
+    def _other_event(self, event: Event) -> None:
+        if isinstance(event, BadRequest):
+            self._bad_request(event)
+        elif isinstance(event, VersionNegotiated):
+            self._version(event)
+        elif isinstance(event, ReplyReceived):
+            close_fds(event.fds)
+        elif isinstance(event, UnexpectedReply):
+            self.counters.error(event.header.command)
+            log.warning("session.unexpected_reply", device=self.name, reason=event.reason)
+        elif isinstance(event, ConnectionClosed):
+            self.close(event.reason)
 
     def _bad_request(self, event: BadRequest) -> None:
         self.counters.error(event.header.command)
@@ -220,18 +241,54 @@ class Session:
             self.close(f"protocol error: {event.reason}")
 
     def _dispatch(self, header: Header, message: m.Message) -> None:
-        start = time.perf_counter_ns()
+        """Run the handler for ``message``; turn its failures into error replies.
+
+        The service time (``counters.record``) is taken around the handler, so it
+        includes building the reply and handing it to the socket.
+        """
+        start = _now_ns()
         try:
             self._handlers[type(message)](header, message)
-        except (ProtocolError, AccessError, DmaError) as exc:
+        except Exception as exc:
+            if not self._handler_failed(header, exc):
+                return
+        self.counters.record(header.command, _now_ns() - start)
+
+    def _handler_failed(self, header: Header, exc: Exception) -> bool:
+        """Answer the request a handler raised on (call it inside the ``except``);
+        False when the client is gone (the session is then closed)."""
+        if isinstance(exc, (ProtocolError, AccessError, DmaError)):
             self._fail(header, exc.errno, str(exc))
-        except ChannelClosed as exc:
+        elif isinstance(exc, ChannelClosed):
             self.close(f"client disconnected: {exc}")
-            return
-        except Exception as exc:  # a device bug must not take the server down
+            return False
+        else:  # a device bug must not take the server down
             log.exception("session.handler_crashed", device=self.name, command=header.command)
             self._fail(header, errno.EIO, f"internal error: {exc!r}")
-        self.counters.record(header.command, time.perf_counter_ns() - start)
+        return True
+
+    def _serve_read(self, msg_id: int, offset: int, region: int, count: int) -> bool:
+        """The REGION_READ fast lane (see ``ServerConnection.peek_region_read``).
+
+        Does what ``_dispatch`` + ``_region_read`` do for a read the connection has
+        already validated, from plain ints: bounds check, device read, reply, service
+        time. A read out of bounds is left to the general path (returns False before
+        doing anything), which answers it with the usual error and log line; a device
+        failure is answered here exactly as ``_dispatch`` would.
+        """
+        sizes = self._region_sizes
+        if region >= len(sizes) or offset + count > sizes[region]:
+            return False
+        start = _now_ns()
+        try:
+            data = self.function.read(region, offset, count) if count else b""
+            self._channel.send(self._conn.region_read_reply(msg_id, offset, region, count, data))
+        except Exception as exc:
+            header = Header(msg_id, _REGION_READ, REGION_READ_REQUEST_SIZE)
+            if not self._handler_failed(header, exc):
+                return True
+        self.counters.record(_REGION_READ, _now_ns() - start)
+        return True
 
     def _fail(self, header: Header, err: int, reason: str) -> None:
         self.counters.error(header.command)
@@ -354,16 +411,18 @@ class Session:
         self._reply(header, m.SetIrqsReply())
 
     def _check_access(self, region: int, offset: int, count: int) -> None:
-        regions = self.function.regions
-        if region >= len(regions):
+        sizes = self._region_sizes
+        if region >= len(sizes):
             raise AccessError(errno.EINVAL, f"region index {region} out of range")
-        size = regions[region].size
+        size = sizes[region]
         if offset + count > size:
             raise AccessError(
                 errno.EINVAL, f"access {offset:#x}+{count} beyond region {region} ({size:#x})"
             )
 
     def _region_read(self, header: Header, msg: m.Message) -> None:
+        """REGION_READs the fast lane (``_serve_read``) left: posted or pipelined reads,
+        and the ones out of bounds (answered with an error)."""
         assert isinstance(msg, m.RegionReadRequest)
         self._check_access(msg.region, msg.offset, msg.count)
         data = self.function.read(msg.region, msg.offset, msg.count) if msg.count else b""

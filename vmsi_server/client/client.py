@@ -134,7 +134,7 @@ class VfioUserClient:
             except ChannelClosed:
                 self.conn.receive_data(b"")
                 raise
-            self.conn.receive_data(bytes(data), fds)
+            self.conn.receive_data(data, fds)
 
     def call(self, message: m.Message, reply_type: type[R], fds: Sequence[int] = ()) -> R:
         event = self.receive_reply(self.send(message, fds))

@@ -28,6 +28,7 @@ counted in ``stray_fds_closed``.
 from __future__ import annotations
 
 import enum
+import struct
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -65,6 +66,7 @@ from .constants import (
     PROTOCOL_MINOR,
     REGION_INFO_ARGSZ,
     SPEC_DEFAULT_MAX_MSG_FDS,
+    U64_LIMIT,
     Command,
     MessageType,
 )
@@ -103,6 +105,12 @@ _COMMAND = MessageType.COMMAND.value
 _REPLY = MessageType.REPLY.value
 _ERROR_REPLY_FLAGS = _REPLY | ERROR_FLAG
 _ID_SPACE = 1 << 16
+_REGION_READ = int(Command.REGION_READ)
+_REGION_READ_FRAME = struct.Struct("<HHIIIQII")
+"""A REGION_READ request, or a reply's first 32 bytes: header, then offset, region, count."""
+REGION_READ_REQUEST_SIZE = _REGION_READ_FRAME.size
+_unpack_region_read = _REGION_READ_FRAME.unpack
+_pack_region_read = _REGION_READ_FRAME.pack
 
 
 class RunState(enum.Enum):
@@ -163,6 +171,14 @@ class _Connection:
         """The next event, or None when more data is needed."""
         events = self._events
         return events.popleft() if events else None
+
+    @property
+    def pending_events(self) -> deque[Event]:
+        """The queue :meth:`next_event` takes from, oldest first; the same object for the
+        connection's whole life. A consumer on a hot path may keep it and ``popleft()``
+        while it is non-empty instead of calling ``next_event`` (one call per event,
+        plus the one that finds it empty). Never append to it."""
+        return self._events
 
     def receive_data(self, data: BytesLike, fds: Sequence[int] = ()) -> None:
         """Feed one ``recvmsg`` result: its bytes and the fds that came with it.
@@ -474,6 +490,47 @@ class ServerConnection(_Connection):
         self.client_capabilities: Capabilities | None = None
         self._decoders: dict[int, Decoder] = {}
         self._max_xfer = 0
+
+    # ------------------------------------------------------- REGION_READ fast lane
+    #
+    # A guest's MMIO or config read is a synchronous REGION_READ: its vCPU waits for the
+    # whole round trip, and QEMU sends them one at a time, each in its own recvmsg. For
+    # that shape the general path builds a Header, a RegionReadRequest, a Request event
+    # and a RegionReadReply per read; on a host where every round trip also pays two
+    # context switches, touching that much Python per read is most of the server's
+    # share of the wait (``make bench-rtt``). These two methods let a server answer
+    # exactly that shape from plain ints: ``peek_region_read`` accepts only what the
+    # general path would turn into one valid Request and nothing else, and does not
+    # change the connection; everything else still goes through ``receive_data``.
+
+    def peek_region_read(self, data: BytesLike,
+                         fds: Sequence[int] = ()) -> tuple[int, int, int, int] | None:
+        """``(msg_id, offset, region, count)`` when ``receive_data(data, fds)`` would
+        produce exactly one ``Request`` for a REGION_READ that wants a reply (and change
+        nothing else); None otherwise. Pure: the connection is not touched, so after a
+        None (or when the caller decides not to answer the read itself) the caller feeds
+        the same ``data`` and ``fds`` to :meth:`receive_data`."""
+        if (fds or len(data) != REGION_READ_REQUEST_SIZE or self._buf
+                or self.state is not _READY):
+            return None
+        msg_id, command, size, flags, error, offset, region, count = _unpack_region_read(data)
+        if (command != _REGION_READ or size != REGION_READ_REQUEST_SIZE or flags != _COMMAND
+                or error or count > self._max_xfer or offset + count > U64_LIMIT):
+            return None  # posted, malformed or over the limit: the general path decides
+        return msg_id, offset, region, count
+
+    def region_read_reply(self, msg_id: int, offset: int, region: int, count: int,
+                          data: BytesLike) -> bytes:
+        """The reply to a read :meth:`peek_region_read` returned: the same bytes as
+        ``reply(header, RegionReadReply(offset, region, count, data))``, in one pack."""
+        if len(data) != count:
+            raise LocalProtocolError(
+                f"REGION_READ reply with {len(data)} data bytes for count {count}"
+            )
+        return _pack_region_read(msg_id, _REGION_READ, REGION_READ_REQUEST_SIZE + count,
+                                 _REPLY, 0, offset, region, count) + data
+
+    # -------------------------------------------------------------- requests we send
 
     def request(self, message: Message, *, no_reply: bool = False) -> tuple[bytes, list[int], int]:
         """Encode a server → client request (DMA_READ / DMA_WRITE); returns bytes, fds and
