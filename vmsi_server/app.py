@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -18,13 +20,19 @@ from vmsi_server.nic.backend.base import PacketBackend
 from vmsi_server.nic.backend.tap import TapBackend
 from vmsi_server.nic.pf import Pf, parse_mac
 from vmsi_server.nic.vf_function import Igb82576Vf
+from vmsi_server.pci.function import PciFunction
+from vmsi_server.pci.irq_lines import IrqLines
 from vmsi_server.server import Server
 from vmsi_server.session import SessionLimits
 from vmsi_server.telemetry.control import ControlServer
 from vmsi_server.telemetry.counters import Counters
+from vmsi_server.telemetry.messages import MessageCounters
 from vmsi_server.telemetry.snapshot import server_snapshot
+from vmsi_server.transport.loop import EventLoop
 
 log = structlog.get_logger("vmsi.app")
+
+BACKENDS = ("engine", "libvfio-user")
 
 
 @dataclass
@@ -40,7 +48,13 @@ class ServerConfig:
     slowpath: bool = True
     slowpath_timeout: float = 1.0
     control_socket: str | None = None
+    time_fast_path: bool = False
+    """Time fast-path MSI-X accesses too (forwarded ones are always timed)."""
     limits: SessionLimits = field(default_factory=SessionLimits)
+    backend: str = "engine"
+    libvfio_user: str | None = None
+    """Path of libvfio-user.so for backend libvfio-user (else $LIBVFIO_USER_SO, then
+    the dynamic linker's search)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
@@ -51,10 +65,13 @@ class ServerConfig:
         policy = PathPolicy.parse(args.msix_policy)
         if args.no_slowpath and policy is not PathPolicy.SHADOW:
             raise ValueError("--no-slowpath only makes sense with --msix-policy shadow")
-        if args.backend != "engine":
-            raise ValueError(
-                "--backend libvfio-user is not available in this build; use the default engine"
-            )
+        if args.backend not in BACKENDS:
+            raise ValueError(f"unknown --backend {args.backend}")
+        if args.backend == "libvfio-user" and args.fd is not None:
+            raise ValueError("--fd is for the engine backend; libvfio-user binds "
+                             "--socket-path itself")
+        if args.libvfio_user is not None and args.backend != "libvfio-user":
+            raise ValueError("--libvfio-user only makes sense with --backend libvfio-user")
         paths: list[str] = []
         if args.socket_path is not None:
             paths = expand_template(args.socket_path, args.vfs, "--socket-path")
@@ -77,6 +94,9 @@ class ServerConfig:
             slowpath=not args.no_slowpath,
             slowpath_timeout=args.slowpath_timeout,
             control_socket=args.control_socket,
+            time_fast_path=args.time_fast_path,
+            backend=args.backend,
+            libvfio_user=args.libvfio_user,
         )
 
 
@@ -89,9 +109,46 @@ def expand_template(template: str, count: int, option: str) -> list[str]:
     return [template]
 
 
+class ClientView(Protocol):
+    """What telemetry reads of a connected client (a ``Session``, or libvfio-user's)."""
+
+    @property
+    def irqs(self) -> IrqLines: ...
+
+
+class EndpointView(Protocol):
+    """What telemetry reads of an endpoint, whichever backend serves it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def session(self) -> ClientView | None: ...
+    @property
+    def sessions_served(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    @property
+    def counters(self) -> MessageCounters: ...
+
+
+class ServerBackend(Protocol):
+    """``Server`` (the engine) and ``bindings.adapter.LibvfioUserServer``."""
+
+    @property
+    def loop(self) -> EventLoop: ...
+    @property
+    def endpoints(self) -> Sequence[EndpointView]: ...
+    def add_function(self, function: PciFunction, socket_path: str | None = None,
+                     fd: int | None = None, name: str | None = None) -> object: ...
+    def on_close(self, closer: Callable[[], None]) -> None: ...
+    def install_signal_handlers(self) -> None: ...
+    def run(self) -> None: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class BuiltServer:
-    server: Server
+    server: ServerBackend
     pf: Pf
     vfs: list[Igb82576Vf]
     slow_path: SlowPath | None
@@ -103,7 +160,14 @@ def build_server(config: ServerConfig) -> BuiltServer:
     macs = [parse_mac(text) for text in config.macs] if config.macs else None
     pf = Pf(config.vfs, macs=macs)
     counters = Counters()
-    server = Server(limits=config.limits)
+    server: ServerBackend
+    if config.backend == "libvfio-user":
+        # Imported here: the engine never needs ctypes or the library.
+        from bindings.adapter import LibvfioUserServer
+
+        server = LibvfioUserServer(config.libvfio_user, limits=config.limits)
+    else:
+        server = Server(limits=config.limits)
     slow_path: SlowPath | None = None
     try:
         if config.slowpath:
@@ -118,7 +182,8 @@ def build_server(config: ServerConfig) -> BuiltServer:
             )
             vf = Igb82576Vf(
                 pf, index, server.loop, backend=backend, policy=config.policy,
-                slow_path=slow_path, counters=Counters(process_cpu=False),
+                slow_path=slow_path,
+                counters=Counters(process_cpu=False, time_fast_path=config.time_fast_path),
             )
             server.on_close(vf.close)
             vfs.append(vf)
@@ -134,6 +199,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
         raise
     log.info(
         "app.ready",
+        backend=config.backend,
         vfs=config.vfs,
         policy=config.policy.value,
         slowpath=slow_path.pid if slow_path else None,

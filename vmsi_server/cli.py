@@ -70,13 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="UNIX socket answering counter queries (see `vmsi-ctl`)",
     )
     parser.add_argument(
+        "--time-fast-path",
+        action="store_true",
+        help="also time fast-path MSI-X accesses (two clock reads each), so the "
+        "counters hold latency histograms for both paths",
+    )
+    parser.add_argument(
         "--backend",
         choices=["engine", "libvfio-user"],
         default="engine",
         help="protocol engine: the project's own (default) or libvfio-user via ctypes",
     )
     parser.add_argument(
-        "--libvfio-user", metavar="PATH", help="path of libvfio-user.so (backend libvfio-user)"
+        "--libvfio-user", metavar="PATH",
+        help="path of libvfio-user.so for --backend libvfio-user (default: $LIBVFIO_USER_SO, "
+        "then the dynamic linker's search path)",
     )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
@@ -93,6 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"vmsi-server: {exc}", file=sys.stderr)
         return 2
+    if config.backend == "libvfio-user":
+        from bindings.libvfio_user import LibvfioUserError, load
+
+        try:
+            load(config.libvfio_user)
+        except LibvfioUserError as exc:
+            print(f"vmsi-server: {exc}", file=sys.stderr)
+            return 2
     return run_server(config)
 
 

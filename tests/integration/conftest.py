@@ -16,6 +16,8 @@ import pytest
 from vmsi_server.client.client import VfioUserClient
 from vmsi_server.telemetry.control import query
 
+from .backends import mark_differences, selected, server_args
+
 
 @dataclass
 class RunningServer:
@@ -70,9 +72,19 @@ def stop_server(server: RunningServer) -> int:
     return server.proc.returncode
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    mark_differences(items, Path(__file__).parent)
+
+
+@pytest.fixture(params=selected())
+def backend(request: pytest.FixtureRequest) -> str:
+    """The protocol backend under test (VMSI_TEST_BACKENDS; see backends.py)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RunningServer]:
-    srv = start_server(tmp_path)
+def server(tmp_path: Path, backend: str) -> Iterator[RunningServer]:
+    srv = start_server(tmp_path, *server_args(backend))
     try:
         yield srv
     finally:

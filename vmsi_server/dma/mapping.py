@@ -72,6 +72,28 @@ class Region:
         return True
 
 
+class ExternalBuffer:
+    """Guest memory someone else mapped (libvfio-user), sliced like an mmap.
+
+    Reads copy out as bytes and writes copy in, as ``mmap`` slicing does, so
+    ``GuestMemory`` treats it exactly like its own mappings.
+    """
+
+    __slots__ = ("_mv",)
+
+    def __init__(self, mv: memoryview) -> None:
+        self._mv = mv
+
+    def __getitem__(self, key: slice) -> bytes:
+        return self._mv[key].tobytes()
+
+    def __setitem__(self, key: slice, value: bytes | bytearray | memoryview) -> None:
+        self._mv[key] = value
+
+    def close(self) -> None:
+        self._mv.release()
+
+
 class BackedRegion(Region):
     """A range the server reaches through its own shared mmap of QEMU's fd.
 
@@ -85,7 +107,7 @@ class BackedRegion(Region):
     def __init__(self, start: int, size: int, flags: int, offset: int, mm: mmap.mmap,
                  delta: int) -> None:
         super().__init__(start, size, flags, offset)
-        self.mm = mm
+        self.mm: mmap.mmap | ExternalBuffer = mm
         self.shift = delta - start
         # Whole-mapping views made once, so view() is a single slice. Slices share
         # the underlying export, so these can be released even while slices live.
@@ -112,6 +134,39 @@ class BackedRegion(Region):
             self.mm.close()
         except BufferError:
             return False
+        return True
+
+
+class ExternalRegion(BackedRegion):
+    """A range mapped by the owner of ``buffer`` (libvfio-user), not by us.
+
+    The owner unmaps it right after telling us it is gone, so unlike an
+    ``mmap``-backed region the unmap cannot wait for views still held: a view
+    kept past its operation (which the lifetime rule forbids) would dangle.
+    ``GuestMemory`` forgets the range first, so every later lookup faults.
+    """
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, start: int, size: int, flags: int, buffer: object) -> None:
+        Region.__init__(self, start, size, flags, 0)
+        base = memoryview(buffer).cast("B")  # type: ignore[arg-type]
+        if base.nbytes != size:
+            got = base.nbytes
+            base.release()
+            raise DmaError(errno.EINVAL, f"mapped buffer of {got:#x} bytes for a "
+                                         f"{size:#x}-byte mapping")
+        self._owner = buffer
+        self.mm = ExternalBuffer(base)
+        self.shift = -start
+        self.mv_rw = base if self.writable else base.toreadonly()
+        self.mv_ro = base.toreadonly()
+
+    def release(self) -> bool:
+        self.mv_ro.release()
+        self.mv_rw.release()
+        self.mm.close()
+        self._owner = None
         return True
 
 

@@ -31,6 +31,7 @@ from vmsi_server.dma.mapping import (
     DMA_FLAG_WRITE,
     DMA_FLAGS_KNOWN,
     BackedRegion,
+    ExternalRegion,
     MappingInfo,
     Region,
     map_fd,
@@ -96,6 +97,18 @@ class GuestMemory:
             if fd is not None:
                 with suppress(OSError):
                     os.close(fd)
+        self._starts.insert(index, iova)
+        self._regions.insert(index, region)
+
+    def add_mapped(self, iova: int, size: int, buffer: object, flags: int) -> None:
+        """Record a DMA_MAP that another party already mmapped (libvfio-user).
+
+        ``buffer`` exports the mapped bytes (``size`` of them, e.g. a ctypes array
+        at the address libvfio-user reports); the party that mapped it unmaps it
+        after ``remove()``. Read-only mappings get read-only views only.
+        """
+        index = self._check_new(iova, size, 0, flags)
+        region = ExternalRegion(iova, size, flags, buffer)
         self._starts.insert(index, iova)
         self._regions.insert(index, region)
 
