@@ -71,9 +71,50 @@ class Histogram:
     def mean(self) -> float:
         return self.total / self.count if self.count else 0.0
 
+    # -- combining exported histograms (several VFs; before/after a run) ------
+    @classmethod
+    def from_snapshot(cls, snap: dict[str, Any]) -> Histogram:
+        """Rebuild a histogram from ``snapshot()`` output (e.g. read over the control socket)."""
+        h = cls()
+        for b, n in snap.get("log2_buckets", {}).items():
+            h.buckets[int(b)] = int(n)
+        h.count = int(snap.get("count", 0))
+        total = snap.get("total_ns")
+        h.total = int(total) if total is not None else round(snap.get("mean_ns", 0.0) * h.count)
+        h.min = int(snap.get("min_ns", 0))
+        h.max = int(snap.get("max_ns", 0))
+        return h
+
+    def merge(self, other: Histogram) -> None:
+        """Add ``other``'s samples (another VF's histogram of the same kind)."""
+        if not other.count:
+            return
+        self.min = other.min if not self.count else min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.count += other.count
+        self.total += other.total
+        for b, n in enumerate(other.buckets):
+            self.buckets[b] += n
+
+    def minus(self, earlier: Histogram) -> Histogram:
+        """The samples recorded since ``earlier`` (a snapshot of this same histogram).
+
+        Counts, totals and buckets are exact. The minimum and maximum of the
+        interval are not recoverable, so the result keeps this histogram's
+        lifetime min/max (percentiles are clamped to them, nothing more).
+        """
+        d = Histogram()
+        d.buckets = [max(0, a - b) for a, b in zip(self.buckets, earlier.buckets, strict=True)]
+        d.count = max(0, self.count - earlier.count)
+        d.total = max(0, self.total - earlier.total)
+        if d.count:
+            d.min, d.max = self.min, self.max
+        return d
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "count": self.count,
+            "total_ns": self.total,
             "mean_ns": self.mean,
             "min_ns": self.min,
             "max_ns": self.max,

@@ -36,5 +36,27 @@ def pid_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def pid_exec_seconds(pid: int) -> float | None:
+    """CPU time of ``pid``'s threads from the scheduler, in ns precision, or None.
+
+    ``/proc/<pid>/task/<tid>/schedstat`` starts with the thread's
+    ``sum_exec_runtime``: exact, where ``pid_cpu_seconds`` counts in clock
+    ticks (a window of a few hundred short round trips can read as 0 or
+    10 ms there). Threads that already exited are not included.
+    """
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread is gone, or no schedstat on this kernel
+    return total / 1e9
+
+
 def rusage_seconds(usage: resource.struct_rusage) -> float:
     return usage.ru_utime + usage.ru_stime

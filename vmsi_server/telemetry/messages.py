@@ -8,6 +8,8 @@ part of a vCPU's wait the server is responsible for.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vmsi_server.protocol.constants import Command
 
 _BUCKETS = 32
@@ -56,8 +58,13 @@ class MessageCounters:
                 return 1 << (bucket + 1)
         return None
 
-    def snapshot(self) -> dict[str, dict[str, float | int | None]]:
-        out: dict[str, dict[str, float | int | None]] = {}
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per command name: count, errors, mean/p50/p99 (us), total_ns, log2_buckets.
+
+        ``log2_buckets`` maps bucket index (as a string) to a count; bucket b holds
+        [2^b, 2^(b+1)) ns. Subtracting two snapshots gives a window's histogram.
+        """
+        out: dict[str, dict[str, Any]] = {}
         for command, n in sorted(self.counts.items()):
             name = _name(command)
             out[name] = {
@@ -66,6 +73,12 @@ class MessageCounters:
                 "mean_us": round(self.total_ns[command] / n / 1000, 2),
                 "p50_us_le": _us(self.percentile_ns(command, 0.5)),
                 "p99_us_le": _us(self.percentile_ns(command, 0.99)),
+                # Exact sums and the raw buckets, so a reader can take the
+                # difference of two snapshots (a measurement window).
+                "total_ns": self.total_ns[command],
+                "log2_buckets": {
+                    str(b): k for b, k in enumerate(self.histograms[command]) if k
+                },
             }
         for command, n in sorted(self.errors.items()):
             if command not in self.counts:

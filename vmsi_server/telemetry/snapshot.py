@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
-from vmsi_server.telemetry.cpu import process_cpu_seconds
+from vmsi_server.telemetry.cpu import pid_exec_seconds, process_cpu_seconds
+from vmsi_server.telemetry.summary import msix_totals
 
 if TYPE_CHECKING:
     from vmsi_server.app import BuiltServer
@@ -30,6 +32,12 @@ def server_snapshot(built: BuiltServer) -> dict[str, Any]:
         "cpu": {
             "io_process_seconds": process_cpu_seconds(),
             "slowpath_seconds": slow.cpu_seconds() if slow is not None else None,
+            # Scheduler run time (ns precision) of the I/O process and of the live
+            # slow-path worker: fine enough for windows of a few seconds.
+            "io_process_exec_seconds": pid_exec_seconds(os.getpid()),
+            "slowpath_exec_seconds": (
+                pid_exec_seconds(slow.pid) if slow is not None and slow.pid else None
+            ),
         },
         "slowpath": None
         if slow is None
@@ -41,4 +49,7 @@ def server_snapshot(built: BuiltServer) -> dict[str, Any]:
             "counters": built.counters.snapshot(),
         },
         "devices": devices,
+        # Every VF's MSI-X rows summed per operation and path (summary.py), so
+        # "table reads forwarded under this policy" is one number.
+        "msix_totals": msix_totals(devices.values()),
     }
