@@ -62,7 +62,7 @@ class InterruptUnit:
 
     def __init__(
         self,
-        deliver: Callable[[int], None],
+        deliver: Callable[[int], object],
         loop: TimerLoop,
         *,
         clock: Callable[[], float] = time.monotonic,

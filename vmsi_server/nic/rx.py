@@ -81,6 +81,9 @@ class RxQueue:
         self.srrctl = 0
         self.rxdctl = 0
         self.max_frame = DEFAULT_MAX_FRAME
+        self.unicast: bytes | None = None
+        """The VF's own MAC while the PF forwards to it (CTS): frames to it skip the
+        ``accepts`` call. None: every frame asks ``accepts``."""
         self._vhdr = bytearray(VNET_HDR_LEN)
         self._scratch = memoryview(bytearray(MAX_RX_BUFFER))
 
@@ -89,6 +92,7 @@ class RxQueue:
         self.head = self.tail = 0
         self.srrctl = self.rxdctl = 0
         self.max_frame = DEFAULT_MAX_FRAME
+        self.unicast = None
 
     def has_room(self) -> bool:
         """False when the ring is usable but has no free descriptor (RDH == RDT): the
@@ -143,51 +147,67 @@ class RxQueue:
         backend, stats, accepts = self.backend, self.stats, self.accepts
         recv, vhdr = backend.recv_into, self._vhdr
         check_gso = backend.vnet_hdr
-        pack_wb, addr_of = RX_WB_DESC.pack_into, _ADDR.unpack_from
+        unicast = self.unicast
+        pack_wb, addr_of, view = RX_WB_DESC.pack_into, _ADDR.unpack_from, mem.view
         written = 0
         left = budget
-        while left > 0 and head != tail:
-            k = min(left, (tail - head) % n, n - head)
-            try:
-                ring = mem.view(base + head * DESC_SIZE, k * DESC_SIZE, writable=True)
-            except DmaError:
-                self.head = head
-                return written + self._drain(left, "rx_ring_dma")
-            j = 0
-            stop = False
-            while j < k and left > 0:
-                left -= 1
-                off = j * DESC_SIZE
+        frames = octets = multicast = 0  # good frames, counted once at the end
+        try:
+            while left > 0 and head != tail:
+                k = min(left, (tail - head) % n, n - head)
                 try:
-                    buf = mem.view(addr_of(ring, off)[0], buflen, writable=True)
+                    ring = view(base + head * DESC_SIZE, k * DESC_SIZE, True)
                 except DmaError:
-                    if recv(vhdr, self._scratch) is None:
+                    self.head = head
+                    return written + self._drain(left, "rx_ring_dma")
+                j = 0
+                stop = False
+                while j < k and left > 0:
+                    left -= 1
+                    off = j * DESC_SIZE
+                    try:
+                        buf = view(addr_of(ring, off)[0], buflen, True)
+                    except DmaError:
+                        if recv(vhdr, self._scratch) is None:
+                            stop = True
+                            break
+                        stats.drop("rx_bad_buffer")
+                        pack_wb(ring, off, 0, 0, 0, _STATUS_ERR, 0, 0)
+                        j += 1
+                        written += 1
+                        continue
+                    got = recv(vhdr, buf)
+                    if got is None:
                         stop = True
                         break
-                    stats.drop("rx_bad_buffer")
-                    pack_wb(ring, off, 0, 0, 0, _STATUS_ERR, 0, 0)
-                    j += 1
-                    written += 1
-                    continue
-                got = recv(vhdr, buf)
-                if got is None:
-                    stop = True
-                    break
-                if check_gso and vhdr[1] != GSO_NONE:
-                    stats.drop("rx_gso")
-                elif got > buflen:
-                    stats.drop("rx_oversize")
-                elif got < ETH_HLEN:
-                    stats.drop("rx_runt")
-                elif accepts is not None and not accepts(bytes(buf[:ETH_ALEN])):
-                    stats.drop("rx_filtered")
-                else:
+                    # The common case first: a frame that fits, for the VF's own MAC.
+                    if (ETH_HLEN <= got <= buflen and not (check_gso and vhdr[1])
+                            and (buf[:ETH_ALEN] == unicast if unicast is not None else False)):
+                        pass
+                    elif check_gso and vhdr[1] != GSO_NONE:
+                        stats.drop("rx_gso")
+                        continue
+                    elif got > buflen:
+                        stats.drop("rx_oversize")
+                        continue
+                    elif got < ETH_HLEN:
+                        stats.drop("rx_runt")
+                        continue
+                    elif accepts is not None and not accepts(bytes(buf[:ETH_ALEN])):
+                        stats.drop("rx_filtered")
+                        continue
+                    elif buf[0] & 1:
+                        multicast += 1
                     pack_wb(ring, off, 0, 0, 0, _STATUS_OK, got, 0)
-                    stats.rx_packet(got, bool(buf[0] & 1))
+                    frames += 1
+                    octets += got
                     j += 1
                     written += 1
-            head = (head + j) % n
-            self.head = head
-            if stop:
-                break
+                head = (head + j) % n
+                self.head = head
+                if stop:
+                    break
+        finally:
+            if frames:
+                stats.rx_packets(frames, octets, multicast)
         return written

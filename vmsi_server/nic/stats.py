@@ -16,7 +16,7 @@ tap, without FCS).
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Protocol
 
 from vmsi_server.nic.registers import (
     U32,
@@ -45,6 +45,11 @@ COUNTER_BY_OFFSET: Final[dict[int, str]] = {
 """BAR0 offset -> ``VfStats`` attribute."""
 
 
+class _InterruptCounts(Protocol):
+    sent: list[int]
+    deferred: list[int]
+
+
 class VfStats:
     """Counters the queues update and the register file reads."""
 
@@ -58,7 +63,13 @@ class VfStats:
         "gprlbc",
         "gptc",
         "gptlbc",
+        "interrupts",
         "mprc",
+        "rx_ring_full",
+        "rx_wakeups",
+        "tx_csum_frames",
+        "tx_tso_frames",
+        "tx_tso_segments",
     )
 
     def __init__(self) -> None:
@@ -71,6 +82,20 @@ class VfStats:
         self.gptlbc = 0
         self.gorlbc = 0
         self.gotlbc = 0
+        self.tx_tso_frames = 0
+        """TSO super-frames handed to the backend (one per TSE packet, however many
+        segments it becomes on the wire)."""
+        self.tx_tso_segments = 0
+        """The wire frames those super-frames become (MSS-sized segments)."""
+        self.tx_csum_frames = 0
+        """Non-TSO frames sent with an offloaded L4 checksum (TXSM / legacy IC)."""
+        self.rx_wakeups = 0
+        """Times the backend was found readable (RX polls outside register writes)."""
+        self.rx_ring_full = 0
+        """Times RX stopped watching the backend because the ring had no free
+        descriptor (frames then wait in the tap until the driver refills)."""
+        self.interrupts: _InterruptCounts | None = None
+        """The VF's interrupt unit, for its per-vector message counts in snapshots."""
         self.drops: dict[str, int] = {}
         """Frames not delivered, by reason ("too_long", "filtered", "no_descriptors", ...)."""
 
@@ -84,6 +109,13 @@ class VfStats:
             self.gprlbc += 1
             self.gorlbc += length
 
+    def rx_packets(self, count: int, octets: int, multicast: int = 0) -> None:
+        """``count`` frames (``multicast`` of them multicast/broadcast) of ``octets``
+        bytes in all were written to the guest: one update per RX batch."""
+        self.gprc += count
+        self.gorc += octets
+        self.mprc += multicast
+
     def tx_packet(self, length: int, loopback: bool = False) -> None:
         """A frame left for the backend (one per TSO segment if the caller segments)."""
         self.gptc += 1
@@ -91,6 +123,21 @@ class VfStats:
         if loopback:
             self.gptlbc += 1
             self.gotlbc += length
+
+    def tx_packets(self, count: int, octets: int) -> None:
+        """``count`` frames of ``octets`` bytes in all left at once (a TSO super-frame's
+        segments): one update instead of one per segment."""
+        self.gptc += count
+        self.gotc += octets
+
+    def tx_offloaded(self, tso_segments: int) -> None:
+        """A frame with an offload left: a TSO super-frame of ``tso_segments`` segments,
+        or (``tso_segments == 0``) a single frame with a checksum to finish."""
+        if tso_segments:
+            self.tx_tso_frames += 1
+            self.tx_tso_segments += tso_segments
+        else:
+            self.tx_csum_frames += 1
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + count
@@ -103,5 +150,15 @@ class VfStats:
     def snapshot(self) -> dict[str, int]:
         """Full-width totals for telemetry."""
         out = {name: int(getattr(self, name)) for name in COUNTER_BY_OFFSET.values()}
+        out["tx_tso_frames"] = self.tx_tso_frames
+        out["tx_tso_segments"] = self.tx_tso_segments
+        out["tx_csum_frames"] = self.tx_csum_frames
+        out["rx_wakeups"] = self.rx_wakeups
+        out["rx_ring_full"] = self.rx_ring_full
+        irq = self.interrupts
+        if irq is not None:
+            for v, (sent, deferred) in enumerate(zip(irq.sent, irq.deferred, strict=True)):
+                out[f"irq.sent.{v}"] = sent
+                out[f"irq.deferred.{v}"] = deferred
         out.update({f"drop.{reason}": n for reason, n in self.drops.items()})
         return out

@@ -19,7 +19,9 @@ vnet headers the same header + frame go through :func:`offload.apply_vnet_hdr`, 
 segmentation and checksums in software.
 
 Guest garbage never raises out of :meth:`TxQueue.doorbell` and never touches memory
-outside ``GuestMemory``. Per doorbell at most the ring's descriptors are looked at.
+outside ``GuestMemory``. One call looks at no more than ``DOORBELL_BUDGET``
+descriptors; when more are pending it sets ``more`` and the owner calls again from the
+event loop (``VfCore`` does), so a giant ring costs many short steps, not one long one.
 Decisions, with the drop reason counted through ``stats.drop``:
 
 * invalid ring registers (base not 128-byte aligned, length 0 / not a multiple of 128
@@ -115,6 +117,10 @@ MAX_FRAME = 9728
 """Largest non-TSO frame (the 82576's 9.5 KiB jumbo limit; igbvf's max MTU is 9216)."""
 MAX_TSO_FRAME = 65535 + ETH_HLEN + 4
 """Largest TSO super-frame: the IP length fields are 16 bits."""
+DOORBELL_BUDGET = 1024
+"""Descriptors one doorbell call walks before yielding to the event loop (igbvf
+writes TDT once per packet, so in practice a call sees one or two packets; the
+limit matters for a ring of 65528 descriptors written in one go)."""
 MIN_MSS = 64
 """Smaller MSS values are refused: they would turn one doorbell into ~1000 segments."""
 MAX_MSS = MAX_FRAME
@@ -124,7 +130,10 @@ _DD_LEGACY = b"\x01"
 
 class QueueStats(Protocol):
     def tx_packet(self, length: int) -> None: ...
+    def tx_packets(self, count: int, octets: int) -> None: ...
+    def tx_offloaded(self, tso_segments: int) -> None: ...
     def rx_packet(self, length: int, multicast: bool) -> None: ...
+    def rx_packets(self, count: int, octets: int, multicast: int) -> None: ...
     def drop(self, reason: str) -> None: ...
 
 
@@ -173,29 +182,40 @@ class TxQueue:
         self.txdctl = 0
         self.dca_txctrl = 0
         self._ctx: TxContext | None = None
+        self._ctx_raw = b""
         self._discard = False
+        self.budget = DOORBELL_BUDGET
+        """Descriptors one ``doorbell()`` call looks at, at most."""
+        self.more = False
+        """The last ``doorbell()`` stopped at ``budget`` with descriptors left: call
+        it again (from the event loop, not recursively) to continue."""
 
     def reset(self) -> None:
         self.bal = self.bah = self.len = 0
         self.head = self.tail = 0
         self.txdctl = self.dca_txctrl = 0
         self._ctx = None
+        self._ctx_raw = b""
         self._discard = False
+        self.more = False
 
     # -- the doorbell ------------------------------------------------------------------
 
     def doorbell(self) -> int:
         """TDT was written: process ``[head, tail)``; return RS descriptors completed."""
         if not self.txdctl & TXDCTL_ENABLE:
+            self.more = False
             return 0
         try:
             return self._walk()
         except Exception:  # a bug here must not take the server down with the guest
             log.exception("tx.internal_error")
             self.stats.drop("tx_internal_error")
+            self.more = False
             return 0
 
     def _walk(self) -> int:
+        self.more = False
         base, n = ring_slots(self.bal, self.bah, self.len)
         stats = self.stats
         if not n:
@@ -208,16 +228,22 @@ class TxQueue:
         pending = (tail - head) % n
         if not pending:
             return 0
+        # Bounded work per call: a window of at most ``budget`` descriptors. The rest
+        # waits for the owner's continuation (``more``), so one doorbell on a huge
+        # ring cannot hold up the event loop (and the vCPU waiting on a read).
+        window = pending if pending <= self.budget else max(self.budget, MAX_CHAIN + 1)
+        self.more = window < pending
         mem = self._memory()
         if mem is None:
             stats.drop("tx_no_memory")
             return 0
-        first = min(pending, n - head)
+        first = min(window, n - head)
         try:
             raw = mem.read(base + head * DESC_SIZE, first * DESC_SIZE)
-            if first < pending:
-                raw += mem.read(base, (pending - first) * DESC_SIZE)
+            if first < window:
+                raw += mem.read(base, (window - first) * DESC_SIZE)
         except DmaError:
+            self.more = False
             stats.drop("tx_ring_dma")
             return 0
 
@@ -228,7 +254,7 @@ class TxQueue:
         rs: list[tuple[int, bytes]] = []  # (status address, DD value) of RS descriptors
         first_cmd = first_olinfo = 0
         bad: str | None = None
-        for i in range(pending):
+        for i in range(window):
             addr, cmd, olinfo = unpack(raw, i * DESC_SIZE)
             if cmd & TXD_CMD_DEXT:
                 dtyp = cmd & TXD_DTYP_MASK
@@ -268,7 +294,7 @@ class TxQueue:
                 completed += self._complete(mem, rs)
                 segs, rs, bad, consumed = [], [], None, i + 1
                 self._discard = True
-        if segs and pending == n - 1:
+        if segs and window == pending == n - 1:
             # The ring is full and the packet still has no EOP: the driver cannot add
             # the rest, so waiting would hang the queue.
             stats.drop("tx_chain_too_long")
@@ -278,11 +304,15 @@ class TxQueue:
         elif self._discard and not segs:
             # Discarding up to an EOP that has not been written yet: these are gone.
             completed += self._complete(mem, rs)
-            consumed = pending
+            consumed = window
         self.head = (head + consumed) % n
         return completed
 
     def _store_context(self, raw: bytes, off: int) -> None:
+        key = raw[off:off + DESC_SIZE]
+        if key == self._ctx_raw:
+            return  # igbvf repeats the same context before every TSO/checksum packet
+        self._ctx_raw = key
         vml, _, tucmd, mli = struct.unpack_from("<IIII", raw, off)
         self._ctx = TxContext(
             maclen=(vml >> CTX_MACLEN_SHIFT) & CTX_MACLEN_MASK,
@@ -327,24 +357,28 @@ class TxQueue:
             return
         try:
             if cmd & TXD_CMD_DEXT:
-                hdr, parts, seg_lengths = self._offload_adv(views, total, cmd, olinfo)
+                hdr, parts, (frames, octets) = self._offload_adv(views, total, cmd, olinfo)
             else:
-                hdr, parts, seg_lengths = self._offload_legacy(views, total, cmd, raw, last)
+                hdr, parts, (frames, octets) = self._offload_legacy(views, total, cmd, raw,
+                                                                    last)
         except _Drop as e:
             stats.drop(e.reason)
             return
         backend = self.backend
         if backend.vnet_hdr or hdr is ZERO_VNET_HDR:
             backend.send(hdr if backend.vnet_hdr else b"", parts)
-            for length in seg_lengths:
-                stats.tx_packet(length)
+            # One update for all the wire frames a TSO super-frame becomes.
+            stats.tx_packets(frames, octets)
+            if hdr is not ZERO_VNET_HDR:
+                stats.tx_offloaded(frames if hdr[1] else 0)  # hdr[1]: gso_type
             return
         try:
-            frames = apply_vnet_hdr(VnetHdr.unpack(hdr), b"".join(parts))
+            segments = apply_vnet_hdr(VnetHdr.unpack(hdr), b"".join(parts))
         except OffloadError:
             stats.drop("tx_offload")
             return
-        for frame in frames:
+        stats.tx_offloaded(len(segments) if hdr[1] else 0)
+        for frame in segments:
             backend.send(b"", (frame,))
             stats.tx_packet(len(frame))
 
@@ -361,9 +395,9 @@ class TxQueue:
                 raise _Drop("tx_csum_invalid")
             vnet = VnetHdr(VNET_F_NEEDS_CSUM, GSO_NONE, 0, 0, css, cso - css)
         if vlan is None:
-            return _pack(vnet), views, (total,)
+            return _pack(vnet), views, (1, total)
         header, rest = _split(views, total, 0, vlan)
-        return _finish(header, rest, vlan, vnet, (total,))
+        return _finish(header, rest, vlan, vnet, (1, total))
 
     def _offload_adv(self, views: list[memoryview], total: int, cmd: int,
                      olinfo: int) -> _Out:
@@ -373,13 +407,13 @@ class TxQueue:
         ixsm = olinfo & TXD_POPTS_IXSM
         vle = cmd & TXD_CMD_VLE
         if not (tse or txsm or ixsm or vle):
-            return ZERO_VNET_HDR, views, (total,)
+            return ZERO_VNET_HDR, views, (1, total)
         if ctx is None:
             raise _Drop("tx_no_context")
         vlan = ctx.vlan if vle else None
         if not (tse or txsm or ixsm):
             header, rest = _split(views, total, 0, vlan)
-            return _finish(header, rest, vlan, _NO_OFFLOAD, (total,))
+            return _finish(header, rest, vlan, _NO_OFFLOAD, (1, total))
         maclen, iplen = ctx.maclen, ctx.iplen
         l4 = maclen + iplen
         if maclen < ETH_HLEN or iplen < 20 or l4 > total:
@@ -398,11 +432,11 @@ class TxQueue:
                 raise _Drop("tx_csum_invalid")
             vnet = VnetHdr(VNET_F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, offset)
             if not copy_end and vlan is None:
-                return _pack(vnet), views, (total,)
+                return _pack(vnet), views, (1, total)
         header, rest = _split(views, total, copy_end, vlan)
         if copy_end:
             _fix_ipv4_csum(header, maclen, iplen)
-        return _finish(header, rest, vlan, vnet, (total,))
+        return _finish(header, rest, vlan, vnet, (1, total))
 
     def _tso(self, views: list[memoryview], total: int, ctx: TxContext, vlan: int | None,
              ipv4: bool, l4t: int) -> _Out:
@@ -436,14 +470,13 @@ class TxQueue:
         gso = GSO_TCPV4 if ipv4 else GSO_TCPV6
         if header[l4 + 13] & TCP_CWR:
             gso |= GSO_ECN  # CWR on the first segment only, as the hardware does
-        full, rem = divmod(paylen, mss)
-        segs = [hdr_len + mss] * full + ([hdr_len + rem] if rem else [])
+        count = -(-paylen // mss)
         vnet = VnetHdr(VNET_F_NEEDS_CSUM, gso, hdr_len, mss, l4, TCP_CSUM_OFFSET)
-        return _finish(header, rest, vlan, vnet, segs)
+        return _finish(header, rest, vlan, vnet, (count, count * hdr_len + paylen))
 
 
-_Out = tuple[bytes, Sequence[BytesLike], Sequence[int]]
-"""(vnet header, frame parts, lengths of the frames it becomes on the wire)."""
+_Out = tuple[bytes, Sequence[BytesLike], tuple[int, int]]
+"""(vnet header, frame parts, (frames, octets) it becomes on the wire)."""
 _NO_OFFLOAD = VnetHdr()
 
 
@@ -459,15 +492,15 @@ def _split(views: list[memoryview], total: int, copy_end: int,
 
 
 def _finish(header: bytearray, rest: list[memoryview], vlan: int | None, vnet: VnetHdr,
-            seg_lengths: Sequence[int]) -> _Out:
+            wire: tuple[int, int]) -> _Out:
     """Insert the VLAN tag (shifting the vnet offsets by it) and pack the header."""
     if vlan is not None:
         insert_vlan(header, vlan)
         if vnet.flags:
             vnet = vnet._replace(csum_start=vnet.csum_start + 4,
                                  hdr_len=vnet.hdr_len + 4 if vnet.hdr_len else 0)
-        seg_lengths = [length + 4 for length in seg_lengths]
-    return _pack(vnet), [header, *rest], seg_lengths
+        wire = (wire[0], wire[1] + 4 * wire[0])
+    return _pack(vnet), [header, *rest], wire
 
 
 def _pack(vnet: VnetHdr) -> bytes:
@@ -497,4 +530,4 @@ def _sctp(views: list[memoryview], total: int, maclen: int, iplen: int, ixsm: bo
     header[l4 + SCTP_CSUM_OFFSET:end] = bytes(4)
     crc = crc32c([memoryview(header)[l4:], *rest])
     struct.pack_into("<I", header, l4 + SCTP_CSUM_OFFSET, crc)
-    return _finish(header, rest, vlan, _NO_OFFLOAD, (total,))
+    return _finish(header, rest, vlan, _NO_OFFLOAD, (1, total))

@@ -29,7 +29,7 @@ from typing import Protocol
 import structlog
 
 from vmsi_server.nic import registers as r
-from vmsi_server.nic.interrupts import InterruptUnit, TimerLoop
+from vmsi_server.nic.interrupts import Cancellable, InterruptUnit, TimerLoop
 from vmsi_server.nic.mailbox import Mailbox
 from vmsi_server.nic.pf import Pf, VfPort
 from vmsi_server.nic.registers import BAR0_SIZE, BY_OFFSET, REGISTERS, U32, RegisterFile
@@ -85,7 +85,7 @@ class VfCore:
         self,
         pf: Pf,
         vf_index: int,
-        deliver: Callable[[int], None],
+        deliver: Callable[[int], object],
         loop: TimerLoop,
         tx_queue: TxQueueLike,
         rx_queue: RxQueueLike,
@@ -112,6 +112,9 @@ class VfCore:
         self.tx = tx_queue
         self.rx = rx_queue
         self.interrupts = InterruptUnit(deliver, loop, clock=clock)
+        self._loop = loop
+        self._tx_resume: Cancellable | None = None
+        self.stats.interrupts = self.interrupts
         self._mailbox_interrupts = mailbox_interrupts
         self._port_changed = port_changed
         self.mailbox = Mailbox(partial(pf.handle_message, vf_index), self._mailbox_event)
@@ -176,6 +179,9 @@ class VfCore:
 
     def close(self) -> None:
         """The device goes away: no timers left, no more link callbacks."""
+        if self._tx_resume is not None:
+            self._tx_resume.cancel()
+            self._tx_resume = None
         self.interrupts.reset()
         self.pf.remove_link_listener(self.set_link)
 
@@ -214,6 +220,17 @@ class VfCore:
         if tx.doorbell() > 0:
             irq = self.interrupts
             irq.raise_cause(irq.tx_bits)
+        if getattr(tx, "more", False) and self._tx_resume is None:
+            self._tx_resume = self._loop.call_later(0.0, self._tx_continue)
+
+    def _tx_continue(self) -> None:
+        """The TX queue stopped at its per-call budget: go on, one budget per loop turn
+        (sockets and the tap are served in between)."""
+        self._tx_resume = None
+        tx = self.tx
+        self.tx_completed(tx.doorbell())
+        if getattr(tx, "more", False):
+            self._tx_resume = self._loop.call_later(0.0, self._tx_continue)
 
     def _write_rdt(self, value: int) -> None:
         rx = self.rx
@@ -229,6 +246,8 @@ class VfCore:
         tx.txdctl = BY_OFFSET[r.TXDCTL0].stored(value)
         if not was_enabled and value & r.XDCTL_ENABLE and tx.tail != tx.head:
             self.tx_completed(tx.doorbell())
+            if getattr(tx, "more", False) and self._tx_resume is None:
+                self._tx_resume = self._loop.call_later(0.0, self._tx_continue)
 
     def _write_rxdctl(self, value: int) -> None:
         rx = self.rx

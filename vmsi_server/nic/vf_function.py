@@ -58,6 +58,9 @@ from vmsi_server.transport.loop import EventLoop
 
 log = structlog.get_logger("vmsi.vf")
 
+RX_BATCH = 64
+"""Frames taken from the backend per readiness wakeup (like one NAPI budget)."""
+
 REGISTER_BAR = IGBVF_REGISTER_BAR
 MSIX_BAR = IGBVF_MSIX_BAR
 BAR_SIZE = IGBVF_BAR_SIZE
@@ -127,7 +130,7 @@ class Igb82576Vf(PciFunction):
         self.tx = TxQueue(self._dma_memory, self.backend, self.stats)
         self.rx = RxQueue(self._dma_memory, self.backend, self.stats, accepts=port.accepts)
         self.core = VfCore(
-            pf, vf_index, self._deliver, loop, self.tx, self.rx, stats=self.stats,
+            pf, vf_index, self.msix.trigger, loop, self.tx, self.rx, stats=self.stats,
             port_changed=self._port_changed,
         )
         self._bus_master = False
@@ -175,11 +178,9 @@ class Igb82576Vf(PciFunction):
         return self._host.memory
 
     def _port_changed(self, port: VfPort) -> None:
-        """Mailbox answers and resets change what RX accepts (SET_LPE)."""
+        """Mailbox answers and resets change what RX accepts (SET_LPE, the MAC, CTS)."""
         self.rx.max_frame = port.max_frame
-
-    def _deliver(self, vector: int) -> None:
-        self.msix.trigger(vector)
+        self.rx.unicast = port.mac if port.cts else None
 
     # -- RX readiness -------------------------------------------------
     def _watch_rx(self, on: bool) -> None:
@@ -193,11 +194,20 @@ class Igb82576Vf(PciFunction):
         self._rx_watched = on
 
     def _on_rx_ready(self) -> None:
-        delivered = self.rx.poll()
+        self.stats.rx_wakeups += 1
+        rx = self.rx
+        # The cause goes up with the first frame written back, as on the hardware,
+        # not after the whole batch: the guest's NAPI poll can start while the rest
+        # is copied (with auto-mask this is still one message per re-arm).
+        delivered = rx.poll(1)
         if delivered:
             self.core.rx_delivered(delivered)
-        if not self.rx.has_room():
+            delivered = rx.poll(RX_BATCH - 1)
+            if delivered:
+                self.core.rx_delivered(delivered)
+        if not rx.has_room():
             # Stop watching until the driver gives buffers back (RDT write).
+            self.stats.rx_ring_full += 1
             self._watch_rx(False)
 
     # -- accesses -----------------------------------------------------
