@@ -116,7 +116,11 @@ class Server:
             name=endpoint.name,
         )
         endpoint.session = session
-        session.start()
+        try:
+            session.start()
+        except Exception:
+            log.exception("server.attach_failed", device=endpoint.name)
+            session.close("device attach failed")
 
     def _session_closed(self, endpoint: Endpoint) -> None:
         endpoint.session = None

@@ -28,7 +28,7 @@ from vmsi_server.pci.function import (
     apply_irq_eventfds,
     validate_irq_request,
 )
-from vmsi_server.pci.irq_lines import IrqLines
+from vmsi_server.pci.irq_lines import IrqLines, is_eventfd
 from vmsi_server.protocol import messages as m
 from vmsi_server.protocol.capabilities import ServerLimits
 from vmsi_server.protocol.connection import REGION_READ_REQUEST_SIZE, ServerConnection
@@ -128,7 +128,6 @@ class Session:
             m.RegionReadRequest: self._region_read,
             m.RegionWriteRequest: self._region_write,
             m.DeviceResetRequest: self._device_reset,
-            m.DirtyPagesRequest: self._dirty_pages,
             m.RegionWriteMultiRequest: self._region_write_multi,
         }
 
@@ -158,11 +157,13 @@ class Session:
         self._loop.remove_reader(self._channel.fileno())
         try:
             self.function.detach()
-        finally:
-            self._irqs.close_all()
-            self._memory.close()
-            self._conn.close()
-            self._channel.close()
+        except Exception:
+            # A device bug must not leave the endpoint "busy" for good.
+            log.exception("session.detach_failed", device=self.name)
+        self._irqs.close_all()
+        self._memory.close()
+        self._conn.close()
+        self._channel.close()
         log.info(
             "session.closed",
             device=self.name,
@@ -175,10 +176,9 @@ class Session:
 
     def drain(self) -> None:
         """Handle whatever the client already sent (or its EOF), without blocking."""
-        while not self._closed:
-            readable, _, _ = select.select([self._channel.fileno()], [], [], 0)
-            if not readable:
-                return
+        poller = select.poll()
+        poller.register(self._channel.fileno(), select.POLLIN)
+        while not self._closed and poller.poll(0):
             self._on_readable()
 
     @property
@@ -403,6 +403,8 @@ class Session:
         )
         try:
             validate_irq_request(self.function.irq_specs, request)
+            if not all(is_eventfd(fd) for fd in msg.fds):
+                raise AccessError(errno.EINVAL, "SET_IRQS fds must be eventfds")
         except AccessError:
             close_fds(msg.fds)
             raise
@@ -438,14 +440,21 @@ class Session:
 
     def _region_write_multi(self, header: Header, msg: m.Message) -> None:
         assert isinstance(msg, m.RegionWriteMultiRequest)
+        first_failure: AccessError | DmaError | None = None
         for entry in msg.entries:
+            if not entry.count:
+                continue
             try:
                 self._check_access(entry.region, entry.offset, entry.count)
                 self.function.write(entry.region, entry.offset,
                                     memoryview(entry.data)[: entry.count])
             except (AccessError, DmaError) as exc:
-                # Posted: nothing to answer; the rest of the batch still applies.
-                self._fail(header, exc.errno, str(exc))
+                # The rest of the batch still applies, in order; the batch
+                # gets one answer (none when posted, as QEMU sends it).
+                self.counters.error(header.command)
+                first_failure = first_failure or exc
+        if first_failure is not None:
+            raise first_failure
         if not header.no_reply:
             self._reply(header, m.RegionWriteMultiReply())
 
@@ -454,8 +463,6 @@ class Session:
         log.info("session.device_reset", device=self.name)
         self._reply(header, m.DeviceResetReply())
 
-    def _dirty_pages(self, header: Header, msg: m.Message) -> None:
-        raise AccessError(errno.EOPNOTSUPP, "dirty page tracking (retired command) not supported")
 
 
 def _sparse_mmap_capability(areas: tuple[tuple[int, int], ...]) -> bytes:
@@ -469,4 +476,3 @@ def _sparse_mmap_capability(areas: tuple[tuple[int, int], ...]) -> bytes:
     body = b"".join(o.to_bytes(8, "little") + s.to_bytes(8, "little") for o, s in areas)
     assert len(header) == SPARSE_MMAP_HEADER
     return header + body
-

@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import struct
+import time
 
 import pytest
 
@@ -18,6 +19,7 @@ from vmsi_server.protocol.constants import (
     RegionIndex,
     SetIrqsFlags,
 )
+from vmsi_server.transport.channel import ChannelClosed
 
 from .conftest import RunningServer
 
@@ -295,3 +297,71 @@ def test_oversized_message_is_refused_without_allocating(server: RunningServer) 
         assert data == b"" or HEADER_STRUCT.unpack(data[:16])[3] & 0x20
     assert server.alive()
 
+
+
+# -- review findings: one bad client must not hurt the server ---------------------
+def test_non_eventfd_is_refused_and_closed(server: RunningServer, client: VfioUserClient) -> None:
+    before = server.open_fds()
+    r, w = os.pipe()
+    try:
+        err = _errno_of(lambda: client.set_irqs(IrqIndex.MSIX, EVENTFD_TRIGGER, 0, 1, [w]))
+        assert err == errno.EINVAL
+    finally:
+        os.close(r)
+        os.close(w)
+    assert server.open_fds() == before
+
+
+def test_write_multi_with_reply_requested_gets_exactly_one_answer(
+    client: VfioUserClient,
+) -> None:
+    bad = m.WriteMultiEntry(1 << 20, RegionIndex.BAR0, 4, bytes(4))
+    good = m.WriteMultiEntry(0x3C, RegionIndex.CONFIG, 1, b"\x05")
+    with pytest.raises(ServerError) as info:
+        client.call(m.RegionWriteMultiRequest((bad, good, bad)), m.RegionWriteMultiReply)
+    assert info.value.errno == errno.EINVAL
+    # The good entry was applied, and the next reply belongs to the next request.
+    assert client.region_read(RegionIndex.CONFIG, 0x3C, 1) == b"\x05"
+
+
+def test_client_that_stops_reading_is_dropped_and_server_keeps_serving(
+    server: RunningServer,
+) -> None:
+    stuck = server.client()
+    stuck.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request = m.RegionReadRequest(0, RegionIndex.CONFIG, 4096)
+    for _ in range(600):  # ~2.4 MB of replies nobody reads
+        try:
+            stuck.send(request)
+        except (OSError, ChannelClosed):
+            break  # the server already dropped us
+    # The server gives up on the stuck client after its send timeout and
+    # accepts the next one.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with server.client(timeout=3.0) as c:
+                assert c.device_info().num_regions == 9
+            break
+        except (OSError, TimeoutError):
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.2)
+    stuck.close()
+    assert server.alive()
+
+
+def test_silent_control_clients_do_not_stall_the_device(
+    server: RunningServer, client: VfioUserClient
+) -> None:
+    silent = []
+    for _ in range(4):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(server.control_path)
+        silent.append(s)
+    start = time.monotonic()
+    for _ in range(5):
+        client.read32(RegionIndex.CONFIG, 0)
+    assert time.monotonic() - start < 1.5
+    for s in silent:
+        s.close()
+    assert server.counters()["devices"]["vf0"]["connected"]

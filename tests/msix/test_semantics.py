@@ -398,3 +398,13 @@ def test_table_ownership_is_per_client(live: MsixController, lines: Lines) -> No
     assert not live.table_forwarded
     assert lines.fired(0) == 1  # the pending vector is now deliverable: delivered once
     assert not live.pending(0)
+
+
+def test_qword_write_that_unmasks_delivers_the_pending_vector(
+    live: MsixController, lines: Lines
+) -> None:
+    assert live.trigger(1) is False  # masked by the table-writing client: pending
+    w64(live, 16 + 8, 0x42)  # data 0x42 and vector control 0 in one QWORD
+    assert lines.fired(1) == 1
+    assert not live.pending(1)
+    assert live.entry(1)[2] == 0x42

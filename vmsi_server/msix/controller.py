@@ -244,6 +244,8 @@ class MsixController:
         t0 = time.perf_counter_ns() if (self._time_fast or path is not Path.FAST) else 0
         if path is Path.FAST:  # no device model: the shadow is the only copy
             self._shadow.table.write(offset, size, value)
+            if size == 8 and index & 3 == _DATA and not (value >> 32) & VECTOR_CONTROL_MASKBIT:
+                self._redeliver_one(vector)  # data + control: the QWORD unmasked it
         else:
             self._shadow.write_dirty(offset, size, value)
             if size == 8 and index & 3 == _DATA and self.policy is not PathPolicy.FORWARD_ALL:

@@ -22,6 +22,8 @@ class IrqLines:
 
     def __init__(self, counts: Sequence[int]) -> None:
         self._fds: list[list[int | None]] = [[None] * count for count in counts]
+        self.signal_errors = 0
+        """Writes that failed on an fd that was not a working eventfd (then dropped)."""
         self.swaps = 0
         """Installs that replaced an fd already present: QEMU's mask/unmask signal."""
 
@@ -75,10 +77,26 @@ class IrqLines:
             # The counter is saturated: the consumer has not read it yet, so an
             # interrupt is already pending there. Nothing is lost.
             pass
+        except OSError:
+            # Not a working eventfd after all (install() checks, but the peer
+            # of a pipe-like fd can go away): drop it rather than fail forever.
+            self.signal_errors += 1
+            self._fds[index][vector] = None
+            _close_quietly(fd)
+            return False
         return True
 
     def signal_msix(self, vector: int) -> bool:
         return self.signal(IrqIndex.MSIX, vector)
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd: anything else (a pipe, a file) could block
+    or fail the loop's interrupt writes."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
 
 
 def _close_quietly(fd: int) -> None:

@@ -18,11 +18,12 @@ from typing import Any
 
 import structlog
 
-from vmsi_server.transport.loop import EventLoop
+from vmsi_server.transport.loop import EventLoop, TimerHandle
 
 log = structlog.get_logger("vmsi.control")
 
 COMMANDS = ("counters", "ping")
+_CLIENT_TIMEOUT = 0.5
 
 
 class ControlServer:
@@ -45,15 +46,29 @@ class ControlServer:
     def _accept(self) -> None:
         try:
             conn, _ = self._sock.accept()
-        except BlockingIOError:
+        except OSError:
             return
+        # Never wait on a control client on the loop: answer when its command
+        # is there, drop it if it stays silent.
+        conn.setblocking(False)
+        fd = conn.fileno()
+        deadline = self._loop.call_later(_CLIENT_TIMEOUT, lambda: self._drop(fd, conn))
+        self._loop.add_reader(fd, lambda: self._serve(fd, conn, deadline))
+
+    def _serve(self, fd: int, conn: socket.socket, deadline: TimerHandle) -> None:
+        deadline.cancel()
+        self._loop.remove_reader(fd)
         with conn:
-            conn.settimeout(1.0)
             try:
                 command = conn.recv(256).decode("ascii", "replace").strip()
+                conn.settimeout(_CLIENT_TIMEOUT)  # the answer is small; a stuck reader is cut off
                 conn.sendall(self._answer(command).encode() + b"\n")
             except OSError as exc:
                 log.warning("control.client_failed", error=str(exc))
+
+    def _drop(self, fd: int, conn: socket.socket) -> None:
+        self._loop.remove_reader(fd)
+        conn.close()
 
     def _answer(self, command: str) -> str:
         if command == "ping":

@@ -102,8 +102,10 @@ class Channel:
                 size = len(view)
                 while sent < size:
                     sent += self._send(view[sent:])
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            raise ChannelClosed(str(exc)) from exc
+        except OSError as exc:
+            # Reset, broken pipe, or the send timeout of a client that stopped
+            # reading (EAGAIN): either way this client is gone.
+            raise ChannelClosed(f"send failed: {exc}") from exc
         self.bytes_out += size
 
     def close(self) -> None:

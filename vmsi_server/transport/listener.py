@@ -12,6 +12,10 @@ import contextlib
 import os
 import socket
 import stat
+import struct
+
+_SEND_TIMEOUT = struct.pack("ll", 2, 0)
+"""Two seconds: far above any healthy reply, far below QEMU's 5 s message timeout."""
 
 
 class SocketInUse(Exception):
@@ -46,6 +50,10 @@ class Listener:
         except (BlockingIOError, InterruptedError):
             return None
         conn.setblocking(True)
+        # Replies are sent blocking, on the loop. A client that stops reading
+        # must not freeze every device of the process: after this long a send
+        # fails and that client's session is closed.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_TIMEOUT)
         return conn
 
     def close(self) -> None:
