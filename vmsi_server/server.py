@@ -21,7 +21,7 @@ import structlog
 from vmsi_server.pci.function import PciFunction
 from vmsi_server.session import Session, SessionLimits
 from vmsi_server.telemetry.messages import MessageCounters
-from vmsi_server.transport.listener import Listener
+from vmsi_server.transport.listener import AcceptFailed, Listener
 from vmsi_server.transport.loop import EventLoop
 
 log = structlog.get_logger("vmsi.server")
@@ -93,7 +93,16 @@ class Server:
 
     # -- clients ------------------------------------------------------
     def _accept(self, endpoint: Endpoint) -> None:
-        conn = endpoint.listener.accept()
+        try:
+            conn = endpoint.listener.accept()
+        except AcceptFailed as exc:
+            log.error("server.accept_failed", device=endpoint.name, error=str(exc))
+            fd = endpoint.listener.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.call_later(
+                0.5, lambda: self.loop.add_reader(fd, lambda: self._accept(endpoint))
+            )
+            return
         if conn is None:
             return
         if endpoint.session is not None:
@@ -141,8 +150,10 @@ class Server:
             endpoint.listener.close()
         self.endpoints.clear()
         for closer in reversed(self._closers):
-            with contextlib.suppress(Exception):
+            try:
                 closer()
+            except Exception:
+                log.exception("server.closer_failed", closer=repr(closer))
         self._closers.clear()
         if self._wakeup_r is not None:
             self.loop.remove_reader(self._wakeup_r)

@@ -18,6 +18,10 @@ _SEND_TIMEOUT = struct.pack("ll", 2, 0)
 """Two seconds: far above any healthy reply, far below QEMU's 5 s message timeout."""
 
 
+class AcceptFailed(Exception):
+    """accept() failed for lack of resources; retry later, do not spin."""
+
+
 class SocketInUse(Exception):
     """Another live server listens on the path."""
 
@@ -49,6 +53,10 @@ class Listener:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return None
+        except OSError as exc:
+            # Out of fds (EMFILE/ENFILE) or memory: the connection stays queued
+            # and the listener stays readable; the caller backs off.
+            raise AcceptFailed(str(exc)) from exc
         conn.setblocking(True)
         # Replies are sent blocking, on the loop. A client that stops reading
         # must not freeze every device of the process: after this long a send
