@@ -31,13 +31,18 @@ from vmsi_server.pci.function import (
 from vmsi_server.pci.irq_lines import IrqLines, is_eventfd
 from vmsi_server.protocol import messages as m
 from vmsi_server.protocol.capabilities import ServerLimits
-from vmsi_server.protocol.connection import REGION_READ_REQUEST_SIZE, ServerConnection
+from vmsi_server.protocol.connection import (
+    REGION_READ_REQUEST_SIZE,
+    PostedWrite,
+    ServerConnection,
+)
 from vmsi_server.protocol.constants import (
     DEVICE_INFO_ARGSZ,
     IRQ_INFO_ARGSZ,
     REGION_INFO_ARGSZ,
     Command,
     DmaUnmapFlags,
+    HeaderFlags,
     RegionCapabilityId,
     RegionInfoFlags,
     SetIrqsFlags,
@@ -63,6 +68,8 @@ log = structlog.get_logger("vmsi.session")
 
 _now_ns = time.perf_counter_ns
 _REGION_READ = int(Command.REGION_READ)  # counters are keyed by the header's plain int
+_REGION_WRITE = int(Command.REGION_WRITE)
+_NO_REPLY = int(HeaderFlags.NO_REPLY)
 
 SPARSE_MMAP_HEADER = 16
 """Capability header (id u16, version u16, next u32) plus nr_areas u32 and a reserved u32."""
@@ -205,6 +212,9 @@ class Session:
         read = self._conn.peek_region_read(data, fds)
         if read is not None and self._serve_read(*read):
             return
+        writes = self._conn.peek_posted_writes(data, fds)
+        if writes is not None and self._serve_posted_writes(writes):
+            return
         self._conn.receive_data(data, fds)
         events = self._events
         while events and not self._closed:
@@ -265,6 +275,35 @@ class Session:
         else:  # a device bug must not take the server down
             log.exception("session.handler_crashed", device=self.name, command=header.command)
             self._fail(header, errno.EIO, f"internal error: {exc!r}")
+        return True
+
+    def _serve_posted_writes(self, writes: list[PostedWrite]) -> bool:
+        """The posted REGION_WRITE lane (see ``ServerConnection.peek_posted_writes``).
+
+        Doorbells (TDT per packet, RDT per 16 buffers, EIMS per interrupt) are the
+        bulk of a NIC's traffic and need no answer: apply them in order from plain
+        values. If any is out of bounds nothing is done here (returns False) and
+        the general path handles the whole read, logging and counting the bad
+        one as it always does; a device failure is counted and logged here
+        exactly as ``_dispatch`` would (no reply: they are posted).
+        """
+        sizes = self._region_sizes
+        for _msg_id, offset, region, data in writes:
+            if region >= len(sizes) or offset + len(data) > sizes[region]:
+                return False
+        write = self.function.write
+        record = self.counters.record
+        for msg_id, offset, region, data in writes:
+            start = _now_ns()
+            if data:
+                try:
+                    write(region, offset, data)
+                except Exception as exc:
+                    header = Header(msg_id, _REGION_WRITE,
+                                    REGION_READ_REQUEST_SIZE + len(data), _NO_REPLY)
+                    if not self._handler_failed(header, exc):
+                        return True
+            record(_REGION_WRITE, _now_ns() - start)
         return True
 
     def _serve_read(self, msg_id: int, offset: int, region: int, count: int) -> bool:

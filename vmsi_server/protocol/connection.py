@@ -111,6 +111,12 @@ _REGION_READ_FRAME = struct.Struct("<HHIIIQII")
 REGION_READ_REQUEST_SIZE = _REGION_READ_FRAME.size
 _unpack_region_read = _REGION_READ_FRAME.unpack
 _pack_region_read = _REGION_READ_FRAME.pack
+_unpack_access_from = _REGION_READ_FRAME.unpack_from
+"""REGION_WRITE requests start with the same 32 bytes, then carry ``count`` data bytes."""
+_REGION_WRITE = int(Command.REGION_WRITE)
+
+PostedWrite = tuple[int, int, int, memoryview]
+"""``(msg_id, offset, region, data)`` of one posted REGION_WRITE."""
 
 
 class RunState(enum.Enum):
@@ -518,6 +524,36 @@ class ServerConnection(_Connection):
                 or error or count > self._max_xfer or offset + count > U64_LIMIT):
             return None  # posted, malformed or over the limit: the general path decides
         return msg_id, offset, region, count
+
+    def peek_posted_writes(self, data: BytesLike,
+                           fds: Sequence[int] = ()) -> list[PostedWrite] | None:
+        """The writes, when ``data`` is nothing but whole, valid, posted REGION_WRITEs
+        (what the guest's TDT/RDT/EIMS stores become, often several per read); None
+        otherwise. Like :meth:`peek_region_read` it is pure: on None, or when the caller
+        does not serve them itself, feed the same bytes to :meth:`receive_data`, which
+        turns them into exactly these requests."""
+        if fds or self._buf or self.state is not _READY:
+            return None
+        end = len(data)
+        if end < REGION_READ_REQUEST_SIZE:
+            return None
+        view = memoryview(data)
+        max_xfer = self._max_xfer
+        writes: list[PostedWrite] = []
+        pos = 0
+        while pos < end:
+            if end - pos < REGION_READ_REQUEST_SIZE:
+                return None
+            msg_id, command, size, flags, error, offset, region, count = _unpack_access_from(
+                data, pos)
+            if (command != _REGION_WRITE or flags != NO_REPLY or error
+                    or size != REGION_READ_REQUEST_SIZE + count or pos + size > end
+                    or count > max_xfer or offset + count > U64_LIMIT):
+                return None  # anything else: the general path decides
+            writes.append((msg_id, offset, region,
+                           view[pos + REGION_READ_REQUEST_SIZE : pos + size]))
+            pos += size
+        return writes
 
     def region_read_reply(self, msg_id: int, offset: int, region: int, count: int,
                           data: BytesLike) -> bytes:
