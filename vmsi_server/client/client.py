@@ -85,12 +85,20 @@ class VfioUserClient:
         self.timeout = timeout
         self.conn = ClientConnection(capabilities)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
         self.sock = sock
         self.channel = Channel(sock, read_size=1 << 21)
         self._rams: list[GuestRam] = []
         if connect:
-            self.negotiate()
+            try:
+                self.negotiate()
+            except BaseException:
+                self.close()  # a refused or silent server must not leak the socket
+                raise
 
     # -- plumbing -----------------------------------------------------
     def __enter__(self) -> VfioUserClient:
@@ -206,8 +214,12 @@ class VfioUserClient:
         fd = os.memfd_create("vmsi-guest-ram", os.MFD_CLOEXEC)
         os.ftruncate(fd, offset + size)
         mem = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.dma_map(iova, size, fd, offset)
         ram = GuestRam(fd, size, iova - offset, mem)
+        try:
+            self.dma_map(iova, size, fd, offset)
+        except BaseException:
+            ram.close()
+            raise
         self._rams.append(ram)
         return ram
 

@@ -608,9 +608,8 @@ class ServerConnection(_Connection):
             return
         # max_data_xfer_size is negotiated, so it is checked here rather than bound into
         # the decoder (a partial() with a keyword costs more than the whole decode).
-        mtype = type(message)
-        if mtype is RegionReadRequest or mtype is RegionWriteRequest:
-            count: int = message.count  # type: ignore[attr-defined]
+        if isinstance(message, (RegionReadRequest, RegionWriteRequest)):
+            count = message.count
             if count > self._max_xfer:
                 self._reject(header, EINVAL, f"{Command(header.command).name} count {count} "
                              f"above max_data_xfer_size {self._max_xfer}", fds)
