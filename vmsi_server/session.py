@@ -71,6 +71,9 @@ _REGION_READ = int(Command.REGION_READ)  # counters are keyed by the header's pl
 _REGION_WRITE = int(Command.REGION_WRITE)
 _NO_REPLY = int(HeaderFlags.NO_REPLY)
 
+POSTED_FAILURES_LOGGED = 10
+"""Posted (unanswerable) failures logged per session before the log thins out."""
+
 SPARSE_MMAP_HEADER = 16
 """Capability header (id u16, version u16, next u32) plus nr_areas u32 and a reserved u32."""
 
@@ -120,6 +123,7 @@ class Session:
         self._irqs = IrqLines([spec.count for spec in function.irq_specs])
         self._on_closed = on_closed
         self._closed = False
+        self._posted_failures = 0
         self._debug = debug_enabled()
         self._region_sizes = tuple(spec.size for spec in function.regions)
         """Region sizes for the bounds check of every access (a function's regions are
@@ -332,10 +336,15 @@ class Session:
     def _fail(self, header: Header, err: int, reason: str) -> None:
         self.counters.error(header.command)
         if header.no_reply:
-            log.warning(
-                "session.posted_failed", device=self.name, command=header.command,
-                errno=err, reason=reason,
-            )
+            # A guest can post bad writes in a loop: every one is counted, but
+            # only the first few and then one in a thousand reach the log.
+            self._posted_failures += 1
+            n = self._posted_failures
+            if self._debug or n <= POSTED_FAILURES_LOGGED or n % 1000 == 0:
+                log.warning(
+                    "session.posted_failed", device=self.name, command=header.command,
+                    errno=err, reason=reason, failures=n,
+                )
         elif self._debug or header.command != Command.REGION_READ:
             log.info(
                 "session.request_failed", device=self.name, command=header.command,

@@ -365,3 +365,14 @@ def test_silent_control_clients_do_not_stall_the_device(
     for s in silent:
         s.close()
     assert server.counters()["devices"]["vf0"]["connected"]
+
+
+def test_a_flood_of_bad_posted_writes_is_counted_but_not_all_logged(
+    server: RunningServer, client: VfioUserClient
+) -> None:
+    for _ in range(50):
+        client.region_write(RegionIndex.BAR0, 1 << 20, b"\0\0\0\0", posted=True)
+    assert client.read32(RegionIndex.CONFIG, 0) == 0x10CA8086  # in step, nothing answered
+    counters = server.counters()["devices"]["vf0"]["messages"]
+    assert counters["REGION_WRITE"]["errors"] == 50
+    assert server.log().count("session.posted_failed") == 10
