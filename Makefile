@@ -65,4 +65,4 @@ seed-table: setup
 	$(PYTHON) -m scripts.seed_table $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(STAMP)
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/bin $(STAMP)
