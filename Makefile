@@ -2,16 +2,22 @@
 PYTHON ?= python3
 LAB_PY := PYTHONPATH=$(CURDIR)/guest-tests:$(CURDIR) $(PYTHON)
 STAMP := .setup.stamp
+FASTLANE := vmsi_server/fastlane
+FASTLANE_STAMP := $(FASTLANE)/.built
 
 .PHONY: setup host-packages lab test test-unit test-guest lint typecheck run run-quick \
         bench bench-rtt bench-net seed-table clean
 
-## setup: Python dependencies (editable install) and host packages
-setup: $(STAMP)
+## setup: Python dependencies (editable install), host packages, the compiled fast lane
+setup: $(STAMP) $(FASTLANE_STAMP)
 $(STAMP): pyproject.toml
 	$(MAKE) host-packages
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test,report]'
 	touch $(STAMP)
+
+$(FASTLANE_STAMP): $(STAMP) $(FASTLANE)/lane.c $(FASTLANE)/lane.h $(FASTLANE)/build.py
+	$(PYTHON) -m vmsi_server.fastlane.build
+	touch $(FASTLANE_STAMP)
 
 host-packages:
 	@missing=""; for p in gcc make iproute2 debootstrap; do \
@@ -65,4 +71,5 @@ seed-table: setup
 	$(PYTHON) -m scripts.seed_table $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/bin $(STAMP)
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/bin $(STAMP) \
+	  $(FASTLANE_STAMP) $(FASTLANE)/_lane.*.so

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import structlog
 
+from vmsi_server import fastlane
 from vmsi_server.msix.policy import PathPolicy
 from vmsi_server.msix.slowpath import SlowPath
 from vmsi_server.nic.backend.base import PacketBackend
@@ -52,6 +53,8 @@ class ServerConfig:
     """Time fast-path MSI-X accesses too (forwarded ones are always timed)."""
     limits: SessionLimits = field(default_factory=SessionLimits)
     backend: str = "engine"
+    fast_lane: bool | None = None
+    """The compiled lane (``vmsi_server.fastlane``): None uses it when built."""
     libvfio_user: str | None = None
     """Path of libvfio-user.so for backend libvfio-user (else $LIBVFIO_USER_SO, then
     the dynamic linker's search)."""
@@ -70,6 +73,11 @@ class ServerConfig:
         if args.backend == "libvfio-user" and args.fd is not None:
             raise ValueError("--fd is for the engine backend; libvfio-user binds "
                              "--socket-path itself")
+        if args.fast_lane == "on":
+            if args.backend != "engine":
+                raise ValueError("--fast-lane is part of the engine backend")
+            if not fastlane.available():
+                raise ValueError(f"--fast-lane on: {fastlane.unavailable_reason()}")
         if args.libvfio_user is not None and args.backend != "libvfio-user":
             raise ValueError("--libvfio-user only makes sense with --backend libvfio-user")
         paths: list[str] = []
@@ -96,6 +104,7 @@ class ServerConfig:
             control_socket=args.control_socket,
             time_fast_path=args.time_fast_path,
             backend=args.backend,
+            fast_lane={"auto": None, "on": True, "off": False}[args.fast_lane],
             libvfio_user=args.libvfio_user,
         )
 
@@ -167,7 +176,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
 
         server = LibvfioUserServer(config.libvfio_user, limits=config.limits)
     else:
-        server = Server(limits=config.limits)
+        server = Server(EventLoop(fast_lane=config.fast_lane), limits=config.limits)
     slow_path: SlowPath | None = None
     try:
         if config.slowpath:
@@ -202,6 +211,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
         backend=config.backend,
         vfs=config.vfs,
         policy=config.policy.value,
+        fast_lane=server.loop.lanes is not None,
         slowpath=slow_path.pid if slow_path else None,
         macs=[vf.pf.vf(vf.vf_index).mac.hex(":") for vf in vfs],
     )

@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         "counters hold latency histograms for both paths",
     )
     parser.add_argument(
+        "--fast-lane",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the compiled lane that serves REGION_READ windows and posted writes in C "
+        "(built by `make setup`): auto uses it when built, on requires it, off runs "
+        "the pure Python path",
+    )
+    parser.add_argument(
         "--backend",
         choices=["engine", "libvfio-user"],
         default="engine",

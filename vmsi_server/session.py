@@ -21,6 +21,7 @@ import structlog
 
 from vmsi_server.dma.errors import DmaError
 from vmsi_server.dma.memory import GuestMemory
+from vmsi_server.fastlane.lane import SessionLane
 from vmsi_server.pci.function import (
     AccessError,
     IrqRequest,
@@ -29,6 +30,7 @@ from vmsi_server.pci.function import (
     validate_irq_request,
 )
 from vmsi_server.pci.irq_lines import IrqLines, is_eventfd
+from vmsi_server.pci.windows import ReadWindow
 from vmsi_server.protocol import messages as m
 from vmsi_server.protocol.capabilities import ServerLimits
 from vmsi_server.protocol.connection import (
@@ -128,6 +130,8 @@ class Session:
         self._region_sizes = tuple(spec.size for spec in function.regions)
         """Region sizes for the bounds check of every access (a function's regions are
         fixed: they are what GET_REGION_INFO told the client)."""
+        self._lane: SessionLane | None = None
+        """The compiled lane serving this connection while the loop has one."""
         self._handlers: dict[type[m.Message], Callable[[Header, m.Message], None]] = {
             m.DmaMapRequest: self._dma_map,
             m.DmaUnmapRequest: self._dma_unmap,
@@ -158,14 +162,35 @@ class Session:
     # -- lifecycle ----------------------------------------------------
     def start(self) -> None:
         self.function.attach(self)
-        self._loop.add_reader(self._channel.fileno(), self._on_readable)
-        log.info("session.connected", device=self.name)
+        fd = self._channel.fileno()
+        self._loop.add_reader(fd, self._on_readable)
+        lanes = self._loop.lanes
+        if lanes is not None:
+            self._lane = SessionLane(fd, self, self.counters, self._read_windows(),
+                                     self.function.access_counters)
+            lanes.add(self._lane)
+        log.info("session.connected", device=self.name, fast_lane=self._lane is not None)
+
+    def _read_windows(self) -> list[ReadWindow]:
+        """The function's read windows, each cut to its region (never beyond what
+        the general path's bounds check allows)."""
+        sizes = self._region_sizes
+        out = []
+        for window in self.function.read_windows():
+            if window.region < len(sizes) and window.start + window.length <= sizes[window.region]:
+                out.append(window)
+            else:
+                log.warning("session.window_outside_region", device=self.name,
+                            region=window.region, start=window.start, length=window.length)
+        return out
 
     def close(self, reason: str) -> None:
         if self._closed:
             return
         self._closed = True
         self._loop.remove_reader(self._channel.fileno())
+        if self._lane is not None:
+            self._lane.close()
         try:
             self.function.detach()
         except Exception:
@@ -206,13 +231,38 @@ class Session:
         the connection, requests first and by exact type, the rest through
         :meth:`_other_event`.
         """
-        try:
-            data, fds = self._channel.receive()
-        except ChannelClosed as exc:
-            self.close(f"client disconnected: {exc}")
-            return
+        lane = self._lane
+        left = lane.take() if lane is not None else None
+        if left is not None:
+            data, fds, ended = left
+            if ended is not None:
+                close_fds(fds)
+                self.close(f"client disconnected: {ended}")
+                return
+        else:
+            try:
+                data, fds = self._channel.receive()
+            except ChannelClosed as exc:
+                self.close(f"client disconnected: {exc}")
+                return
         if not data:
             return
+        try:
+            self._receive(data, fds)
+        finally:
+            if lane is not None and not self._closed:
+                self._sync_lane(lane)
+
+    def _sync_lane(self, lane: SessionLane) -> None:
+        """Let the lane read the socket only when that cannot reorder anything:
+        after VERSION, with no partial message waiting in the protocol layer."""
+        conn = self._conn
+        if conn.ready and not conn.buffered:
+            lane.enable(conn.max_xfer)
+        else:
+            lane.disable()
+
+    def _receive(self, data: bytes, fds: tuple[int, ...]) -> None:
         read = self._conn.peek_region_read(data, fds)
         if read is not None and self._serve_read(*read):
             return
@@ -280,6 +330,22 @@ class Session:
             log.exception("session.handler_crashed", device=self.name, command=header.command)
             self._fail(header, errno.EIO, f"internal error: {exc!r}")
         return True
+
+    def lane_posted_write(self, msg_id: int, region: int, offset: int, data: bytes) -> bool:
+        """A posted REGION_WRITE the lane read (``SessionLane``'s callback): applied
+        as ``_serve_posted_writes`` does, an out-of-bounds one answered as the general
+        path would (counted, logged, no reply). True when the session closed."""
+        start = _now_ns()
+        try:
+            self._check_access(region, offset, len(data))
+            if data:
+                self.function.write(region, offset, memoryview(data))
+        except Exception as exc:
+            header = Header(msg_id, _REGION_WRITE, REGION_READ_REQUEST_SIZE + len(data), _NO_REPLY)
+            if not self._handler_failed(header, exc):
+                return True
+        self.counters.record(_REGION_WRITE, _now_ns() - start)  # failed ones too, as _dispatch
+        return self._closed
 
     def _serve_posted_writes(self, writes: list[PostedWrite]) -> bool:
         """The posted REGION_WRITE lane (see ``ServerConnection.peek_posted_writes``).

@@ -195,7 +195,7 @@ def run_session(monkeypatch: pytest.MonkeyPatch, lane: bool) -> tuple[list[bytes
     else:
         monkeypatch.setattr(ServerConnection, "peek_region_read", lambda self, d, f=(): None)
     ours, theirs = socket.socketpair()
-    loop = EventLoop()
+    loop = EventLoop(fast_lane=False)  # the Python lanes; the compiled one has its own tests
     device = ConfigOnly()
     session = Session(ours, device, loop)
     session.start()

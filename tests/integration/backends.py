@@ -1,8 +1,11 @@
 """Which protocol backends the integration tests run against, and where they differ.
 
-``VMSI_TEST_BACKENDS`` (comma-separated, default ``engine,libvfio-user``)
-picks the backends; ``libvfio-user`` is skipped, with the reason, when the
-library cannot be loaded (see README: ``--libvfio-user`` / ``LIBVFIO_USER_SO``).
+``VMSI_TEST_BACKENDS`` (comma-separated, default ``engine,engine-python,libvfio-user``)
+picks the backends: ``engine`` is the project's engine with its compiled fast
+lane (``--fast-lane on``), ``engine-python`` the same engine on the pure Python
+path (``--fast-lane off``), so every test checks that both answer alike;
+``libvfio-user`` is skipped, with the reason, when the library cannot be loaded
+(see README: ``--libvfio-user`` / ``LIBVFIO_USER_SO``).
 
 ``LIBVFIO_USER_DIFFERS`` lists tests whose expectation is the engine's and
 that libvfio-user answers differently, with why (docs/libvfio-user.md). They
@@ -18,13 +21,15 @@ from pathlib import Path
 import pytest
 
 ENGINE = "engine"
+ENGINE_PYTHON = "engine-python"
 LIBVFIO_USER = "libvfio-user"
 ENV = "VMSI_TEST_BACKENDS"
 
 
 def selected() -> list[str]:
-    names = [n.strip() for n in os.environ.get(ENV, f"{ENGINE},{LIBVFIO_USER}").split(",")]
-    unknown = set(names) - {ENGINE, LIBVFIO_USER, ""}
+    default = f"{ENGINE},{ENGINE_PYTHON},{LIBVFIO_USER}"
+    names = [n.strip() for n in os.environ.get(ENV, default).split(",")]
+    unknown = set(names) - {ENGINE, ENGINE_PYTHON, LIBVFIO_USER, ""}
     if unknown:
         raise pytest.UsageError(f"{ENV}: unknown backend(s) {sorted(unknown)}")
     return [n for n in names if n]
@@ -33,7 +38,10 @@ def selected() -> list[str]:
 def server_args(backend: str) -> tuple[str, ...]:
     """Extra ``vmsi-server`` arguments for a backend, or skip the test."""
     if backend == ENGINE:
-        return ()
+        # The lane is built by `make setup`; a missing one is a failure, not a skip.
+        return ("--fast-lane", "on")
+    if backend == ENGINE_PYTHON:
+        return ("--fast-lane", "off")
     from bindings.libvfio_user import available
 
     reason = available()

@@ -55,6 +55,7 @@ from vmsi_server.msix.shadow import Shadow
 from vmsi_server.msix.slowpath import SlowPath, SlowPathError
 from vmsi_server.pci.function import AccessError, IrqRequest
 from vmsi_server.pci.irq_lines import IrqLines
+from vmsi_server.pci.windows import ReadWindow, WindowMode
 from vmsi_server.protocol.constants import IrqIndex, SetIrqsFlags
 from vmsi_server.telemetry.counters import AccessStat, Counters
 
@@ -155,6 +156,23 @@ class MsixController:
             self.pba_write(offset - g.pba_offset, data)
         else:
             raise AccessError(errno.EINVAL, f"BAR{region}+{offset:#x} is not MSI-X table or PBA")
+
+    def read_windows(self) -> list[ReadWindow]:
+        """The table and PBA as read windows, when their reads never leave the fast
+        path (``shadow``, or no slow path): then a read is the shadow's bytes and a
+        count in the same stats ``table_read``/``pba_read`` keep."""
+        g = self.geometry
+        timed = self._time_fast
+        out: list[ReadWindow] = []
+        table_kinds = (K.TABLE_READ_QWORD, K.TABLE_READ_CONTROL, K.TABLE_READ_ADDR_DATA)
+        if all(self._routes[kind][0] is Path.FAST for kind in table_kinds):
+            out.append(ReadWindow(g.table_bar, g.table_offset, self._dwords,
+                                  WindowMode.MSIX_TABLE,
+                                  tuple(self._routes[kind][1] for kind in table_kinds), timed))
+        if self._routes[K.PBA_READ][0] is Path.FAST:
+            out.append(ReadWindow(g.pba_bar, g.pba_offset, self._pending.image,
+                                  WindowMode.MSIX_PBA, (self._routes[K.PBA_READ][1],), timed))
+        return out
 
     # -- state, for the device and tests ------------------------------
     @property

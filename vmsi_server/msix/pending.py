@@ -3,30 +3,38 @@
 A vector that fires while it cannot be delivered (masked by the table, by the
 client's SET_IRQS MASK, by the function mask, MSI-X disabled, no eventfd, or
 its message not yet acknowledged by the slow path) gets its bit set; the bit
-is cleared when the vector is delivered. Kept as one Python int.
+is cleared when the vector is delivered. Kept as one Python int, for the
+controller's tests of it, and as ``image``: the PBA's bytes as the guest reads
+them (QWORDs, little-endian), kept in step so that the compiled fast lane can
+answer PBA reads from it.
 """
 
 from __future__ import annotations
 
 
 class PendingBits:
-    __slots__ = ("bits", "vectors")
+    __slots__ = ("bits", "image", "vectors")
 
     def __init__(self, vectors: int) -> None:
         self.vectors = vectors
         self.bits = 0
+        self.image = bytearray(((vectors + 63) // 64) * 8)
+        """Written in place only (never resized): the fast lane holds a view of it."""
 
     def set(self, vector: int) -> None:
         self.bits |= 1 << vector
+        self.image[vector >> 3] |= 1 << (vector & 7)
 
     def clear(self, vector: int) -> None:
         self.bits &= ~(1 << vector)
+        self.image[vector >> 3] &= ~(1 << (vector & 7)) & 0xFF
 
     def test(self, vector: int) -> bool:
         return bool(self.bits >> vector & 1)
 
     def reset(self) -> None:
         self.bits = 0
+        self.image[:] = bytes(len(self.image))
 
     def vectors_set(self) -> list[int]:
         bits, out, v = self.bits, [], 0

@@ -11,6 +11,8 @@ the hot path.
 
 from __future__ import annotations
 
+from array import array
+
 from vmsi_server.msix.layout import (
     DWORDS_PER_ENTRY,
     POWER_ON_ENTRY,
@@ -23,16 +25,23 @@ _CONTROL = EntryField.VECTOR_CONTROL.value
 
 
 class MsixTable:
-    """``vectors`` entries of four DWORDs, flat: dword ``4 * vector + field``."""
+    """``vectors`` entries of four DWORDs, flat: dword ``4 * vector + field``.
+
+    The DWORDs are an ``array('I')`` rather than a list so that their bytes are
+    the table as the guest reads it (little-endian, as every vfio-user host
+    is): the compiled fast lane answers shadow reads straight from this
+    buffer. It is never resized, only written in place, so that view stays
+    valid for the table's life.
+    """
 
     __slots__ = ("dwords", "vectors")
 
     def __init__(self, vectors: int) -> None:
         self.vectors = vectors
-        self.dwords: list[int] = list(POWER_ON_ENTRY) * vectors
+        self.dwords = array("I", list(POWER_ON_ENTRY) * vectors)
 
     def reset(self) -> None:
-        self.dwords[:] = list(POWER_ON_ENTRY) * self.vectors
+        self.dwords[:] = array("I", list(POWER_ON_ENTRY) * self.vectors)
 
     # -- by DWORD -----------------------------------------------------
     def read_dword(self, index: int) -> int:

@@ -52,6 +52,7 @@ from vmsi_server.pci.igbvf_layout import (
     IGBVF_MSIX_VECTORS,
     IGBVF_REGISTER_BAR,
 )
+from vmsi_server.pci.windows import ReadWindow
 from vmsi_server.protocol.constants import IrqIndex, IrqInfoFlags, RegionIndex, RegionInfoFlags
 from vmsi_server.telemetry.counters import Counters
 from vmsi_server.transport.loop import EventLoop
@@ -211,6 +212,16 @@ class Igb82576Vf(PciFunction):
             self._watch_rx(False)
 
     # -- accesses -----------------------------------------------------
+    def read_windows(self) -> Sequence[ReadWindow]:
+        """Config space (reads have no side effects here) and, when their reads stay on
+        the fast path, the MSI-X table and PBA: what ``read`` returns for them is
+        exactly these buffers."""
+        return [ReadWindow(RegionIndex.CONFIG, 0, self.config.buffer), *self.msix.read_windows()]
+
+    @property
+    def access_counters(self) -> Counters:
+        return self.counters
+
     def read(self, region: int, offset: int, count: int) -> bytes:
         if region == REGISTER_BAR:
             return self.core.read(offset, count).to_bytes(count, "little")

@@ -231,6 +231,11 @@ class ConfigSpace:
         return len(self._data)
 
     @property
+    def buffer(self) -> bytearray:
+        """The bytes the guest reads, written only in place (the fast lane reads them)."""
+        return self._data
+
+    @property
     def registers(self) -> tuple[Register, ...]:
         return self._registers
 

@@ -31,6 +31,8 @@ from vmsi_server.protocol.constants import (
 
 if TYPE_CHECKING:
     from vmsi_server.dma.memory import GuestMemory
+    from vmsi_server.pci.windows import ReadWindow
+    from vmsi_server.telemetry.counters import Counters
     from vmsi_server.transport.loop import EventLoop
 
 
@@ -142,6 +144,16 @@ class PciFunction(abc.ABC):
 
     def region_fd(self, index: int) -> int | None:
         """An fd backing a mappable region (sent with its REGION_INFO); none by default."""
+        return None
+
+    def read_windows(self) -> Sequence[ReadWindow]:
+        """Ranges whose reads the compiled lane may answer from memory (see
+        ``pci/windows.py``); asked once per connection. None by default."""
+        return ()
+
+    @property
+    def access_counters(self) -> Counters | None:
+        """The telemetry counters holding the windows' stats, if they have any."""
         return None
 
     # -- lifecycle ----------------------------------------------------

@@ -169,6 +169,16 @@ class _Connection:
         return self._max_message_size
 
     @property
+    def ready(self) -> bool:
+        """VERSION negotiated and the connection not closed."""
+        return self.state is _READY
+
+    @property
+    def buffered(self) -> bool:
+        """Whether part of a message (or fds for one) waits for more data."""
+        return bool(self._buf or self._partial_fds)
+
+    @property
     def outstanding(self) -> Mapping[int, Message]:
         """Our requests still waiting for a reply, by msg_id."""
         return MappingProxyType(self._outstanding)
@@ -496,6 +506,11 @@ class ServerConnection(_Connection):
         self.client_capabilities: Capabilities | None = None
         self._decoders: dict[int, Decoder] = {}
         self._max_xfer = 0
+
+    @property
+    def max_xfer(self) -> int:
+        """The negotiated max_data_xfer_size (0 before VERSION)."""
+        return self._max_xfer
 
     # ------------------------------------------------------- REGION_READ fast lane
     #

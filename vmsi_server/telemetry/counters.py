@@ -154,6 +154,7 @@ class Counters:
         self._access: dict[tuple[str, str, str], AccessStat] = {}
         self._named: dict[str, int] = {}
         self._gauges: dict[str, Callable[[], float]] = {}
+        self._collectors: list[Callable[[], None]] = []
         if process_cpu:
             self.add_gauge("cpu.io_process_seconds", process_cpu_seconds)
 
@@ -167,6 +168,7 @@ class Counters:
         return stat
 
     def access_count(self, region: str, kind: str, path: str) -> int:
+        self.collect()
         stat = self._access.get((region, kind, path))
         return stat.count if stat is not None else 0
 
@@ -187,8 +189,22 @@ class Counters:
     def gauge(self, name: str) -> float:
         return self._gauges[name]()
 
+    # -- counts kept elsewhere (the compiled fast lane) -------------------
+    def add_collector(self, collect: Callable[[], None]) -> None:
+        """``collect()`` folds outside counts into these stats; run before every read-out."""
+        self._collectors.append(collect)
+
+    def remove_collector(self, collect: Callable[[], None]) -> None:
+        if collect in self._collectors:
+            self._collectors.remove(collect)
+
+    def collect(self) -> None:
+        for collect in list(self._collectors):
+            collect()
+
     # -- export -------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
+        self.collect()
         accesses = []
         for (region, kind, path), stat in sorted(dict(self._access).items()):
             if not (stat.count or stat.errors):

@@ -8,6 +8,7 @@ part of a vCPU's wait the server is responsible for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vmsi_server.protocol.constants import Command
@@ -19,13 +20,14 @@ _BUCKETS = 32
 class MessageCounters:
     """Counts and a log2 latency histogram per command number."""
 
-    __slots__ = ("counts", "errors", "histograms", "total_ns")
+    __slots__ = ("_collectors", "counts", "errors", "histograms", "total_ns")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
         self.errors: dict[int, int] = {}
         self.total_ns: dict[int, int] = {}
         self.histograms: dict[int, list[int]] = {}
+        self._collectors: list[Callable[[], None]] = []
 
     def record(self, command: int, elapsed_ns: int) -> None:
         counts = self.counts
@@ -36,17 +38,44 @@ class MessageCounters:
             hist = self.histograms[command] = [0] * _BUCKETS
         hist[min(_BUCKETS - 1, max(0, elapsed_ns.bit_length() - 1))] += 1
 
+    def merge(self, command: int, count: int, total_ns: int, buckets: list[int]) -> None:
+        """Add ``count`` messages counted elsewhere (same bucket scheme as ``record``)."""
+        counts = self.counts
+        counts[command] = counts.get(command, 0) + count
+        self.total_ns[command] = self.total_ns.get(command, 0) + total_ns
+        hist = self.histograms.get(command)
+        if hist is None:
+            hist = self.histograms[command] = [0] * _BUCKETS
+        for b, n in enumerate(buckets[:_BUCKETS]):
+            hist[b] += n
+
+    # -- counts kept elsewhere (the compiled fast lane) -------------------
+    def add_collector(self, collect: Callable[[], None]) -> None:
+        """``collect()`` calls :meth:`merge`; it runs before every read-out."""
+        self._collectors.append(collect)
+
+    def remove_collector(self, collect: Callable[[], None]) -> None:
+        if collect in self._collectors:
+            self._collectors.remove(collect)
+
+    def collect(self) -> None:
+        for collect in list(self._collectors):
+            collect()
+
     def error(self, command: int) -> None:
         self.errors[command] = self.errors.get(command, 0) + 1
 
     def total(self) -> int:
+        self.collect()
         return sum(self.counts.values())
 
     def count(self, command: int) -> int:
+        self.collect()
         return self.counts.get(command, 0)
 
     def percentile_ns(self, command: int, fraction: float) -> int | None:
         """Upper bound of the bucket holding the given fraction of samples."""
+        self.collect()
         hist = self.histograms.get(command)
         if not hist:
             return None
@@ -64,6 +93,7 @@ class MessageCounters:
         ``log2_buckets`` maps bucket index (as a string) to a count; bucket b holds
         [2^b, 2^(b+1)) ns. Subtracting two snapshots gives a window's histogram.
         """
+        self.collect()
         out: dict[str, dict[str, Any]] = {}
         for command, n in sorted(self.counts.items()):
             name = _name(command)

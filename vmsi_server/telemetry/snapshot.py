@@ -29,6 +29,7 @@ def server_snapshot(built: BuiltServer) -> dict[str, Any]:
     slow = built.slow_path
     return {
         "policy": built.vfs[0].msix.policy.value if built.vfs else None,
+        "fast_lane": built.server.loop.lanes is not None,
         "cpu": {
             "io_process_seconds": process_cpu_seconds(),
             "slowpath_seconds": slow.cpu_seconds() if slow is not None else None,

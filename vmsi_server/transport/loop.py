@@ -21,8 +21,12 @@ import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from vmsi_server.fastlane.lane import LanePoller
 
 log = structlog.get_logger("vmsi.loop")
 
@@ -46,10 +50,30 @@ class TimerHandle:
 
 
 class EventLoop:
-    """Readers keyed by fd, timers on a heap, a stop flag."""
+    """Readers keyed by fd, timers on a heap, a stop flag.
 
-    def __init__(self) -> None:
+    ``fast_lane``: wait through the compiled lane's poller (see
+    ``vmsi_server.fastlane``) so that sessions can serve messages in C; None
+    (the default) uses it when it is built, False never does.
+    """
+
+    def __init__(self, fast_lane: bool | None = None) -> None:
         self._epoll = select.epoll()
+        self.lanes: LanePoller | None = None
+        """The lane poller sessions register with, or None (plain epoll)."""
+        if fast_lane is not False:
+            from vmsi_server.fastlane.lane import lane_factory
+
+            factory = lane_factory()
+            if factory is None and fast_lane:
+                from vmsi_server import fastlane
+
+                raise RuntimeError(f"fast lane unavailable: {fastlane.unavailable_reason()}")
+            if factory is not None:
+                self.lanes = factory(self._epoll.fileno())
+        self._wait: Callable[[float, int], list[tuple[int, int]]] = (
+            self._epoll.poll if self.lanes is None else self.lanes.wait
+        )
         self._readers: dict[int, Callback] = {}
         self._max_events = 1
         """``maxevents`` of each ``epoll_wait``: one slot per registered fd."""
@@ -72,6 +96,8 @@ class EventLoop:
         self._max_events = max(1, len(self._readers))
 
     def remove_reader(self, fd: int) -> None:
+        if self.lanes is not None:
+            self.lanes.remove(fd)
         if self._readers.pop(fd, None) is not None:
             self._epoll.unregister(fd)
             self._removed.add(fd)
@@ -131,7 +157,7 @@ class EventLoop:
         elif timers:
             until_next = max(0.0, timers[0].when - time.monotonic())
             timeout = until_next if timeout is None else min(timeout, until_next)
-        ready = self._epoll.poll(-1.0 if timeout is None else timeout, self._max_events)
+        ready = self._wait(-1.0 if timeout is None else timeout, self._max_events)
         readers = self._readers
         removed = self._removed
         if removed:

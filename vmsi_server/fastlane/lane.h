@@ -1,0 +1,88 @@
+/* The compiled fast lane: the shared declarations of lane.c and the cffi module.
+ *
+ * Everything a Python caller touches is declared here; build.py hands the
+ * same text (between the CDEF markers) to cffi's cdef, so the two cannot drift;
+ * vl_posted_write is the one call back into Python (defined by cffi).
+ */
+#ifndef VMSI_FASTLANE_H
+#define VMSI_FASTLANE_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#ifndef VL_CALLBACK
+#define VL_CALLBACK extern /* cffi's cdef reads it as extern "Python+C" */
+#endif
+
+/* CDEF-BEGIN */
+#define VL_MAX_WINDOWS 8
+#define VL_CLASSES 3
+#define VL_MSG_BUCKETS 32
+#define VL_ACCESS_BUCKETS 64
+#define VL_MAX_FDS 1024
+
+/* A window answers reads of [start, start + length) of one region from memory
+ * the device keeps current (config space, the MSI-X shadow, the PBA). */
+enum vl_window_mode {
+    VL_BYTES = 0,      /* any size and alignment */
+    VL_MSIX_TABLE = 1, /* aligned DWORD/QWORD; class 0 QWORD, 1 Vector Control, 2 address/data */
+    VL_MSIX_PBA = 2    /* aligned DWORD/QWORD; class 0 */
+};
+
+struct vl_window {
+    uint32_t region;
+    uint32_t mode;
+    uint32_t enabled;
+    uint32_t timed;    /* also fill the per-class latency buckets */
+    uint64_t start;
+    uint64_t length;
+    const uint8_t *bytes;
+    uint64_t served[VL_CLASSES];
+    uint64_t ns_total[VL_CLASSES];
+    uint64_t ns_min[VL_CLASSES];
+    uint64_t ns_max[VL_CLASSES];
+    uint64_t buckets[VL_CLASSES][VL_ACCESS_BUCKETS];
+};
+
+struct vl_lane {
+    int fd;
+    uint32_t enabled;        /* Python sets it: READY, nothing buffered on its side */
+    uint32_t attached;       /* cleared by vl_poller_remove, checked after every callback */
+    uint32_t max_xfer;
+    void *handle;            /* the Python session (ffi.new_handle) */
+    /* what the lane read but could not serve, for Python to take */
+    uint8_t *buf;
+    size_t cap;
+    size_t pending_start;
+    size_t pending_end;
+    int fds[VL_MAX_FDS];
+    int nfds;
+    int eof;
+    int error;               /* errno of a failed recv/send, for Python to report */
+    /* service time of every REGION_READ served here, MessageCounters buckets */
+    uint64_t reads;
+    uint64_t read_ns_total;
+    uint64_t read_buckets[VL_MSG_BUCKETS];
+    uint64_t posted_writes;  /* handed to the Python callback */
+    uint64_t wakeups;        /* reads from the socket */
+    int nwindows;
+    struct vl_window windows[VL_MAX_WINDOWS];
+};
+
+struct vl_lane *vl_lane_new(int fd, size_t read_size);
+void vl_lane_free(struct vl_lane *lane);
+void vl_lane_clear_pending(struct vl_lane *lane);
+
+struct vl_poller;
+struct vl_poller *vl_poller_new(int epfd);
+void vl_poller_free(struct vl_poller *poller);
+int vl_poller_add(struct vl_poller *poller, struct vl_lane *lane);
+void vl_poller_remove(struct vl_poller *poller, int fd);
+int vl_poller_wait(struct vl_poller *poller, int timeout_ms, int *out_fds, uint32_t *out_events,
+                   int max_out);
+
+VL_CALLBACK int vl_posted_write(void *handle, uint32_t msg_id, uint32_t region,
+                                      uint64_t offset, const uint8_t *data, uint32_t count);
+/* CDEF-END */
+
+#endif

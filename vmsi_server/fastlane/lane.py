@@ -1,0 +1,273 @@
+"""Python side of the compiled lane: a poller for the event loop, a lane per session.
+
+``LanePoller.wait`` replaces ``epoll.poll`` in ``EventLoop.run_once``: it
+returns only the (fd, events) pairs that need Python. ``SessionLane`` is one
+session's lane: its read windows, whether the C side may read the socket now
+(the session decides: negotiated, nothing buffered in its protocol layer),
+what the C side read but left for Python, and the C side's counters, folded
+into the session's ``MessageCounters`` and the windows' ``AccessStat``s as
+deltas (Python only ever reads the C counters, so a snapshot taken from
+another thread can at worst be a message behind).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from vmsi_server import fastlane
+from vmsi_server.pci.windows import ReadWindow
+from vmsi_server.protocol.constants import Command
+from vmsi_server.telemetry.counters import Counters, Histogram
+from vmsi_server.telemetry.messages import MessageCounters
+
+log = structlog.get_logger("vmsi.fastlane")
+
+READ_SIZE = 1 << 20
+"""Socket read size, as the Python channel's: a doorbell burst comes in one read."""
+
+_REGION_READ = int(Command.REGION_READ)
+
+
+class PostedWriteTarget(Protocol):
+    """What a lane hands posted REGION_WRITEs to (the session)."""
+
+    def lane_posted_write(self, msg_id: int, region: int, offset: int, data: bytes) -> bool:
+        """Apply one posted write; True when the session closed (stop reading)."""
+
+
+def _bind() -> tuple[Any, Any]:
+    mod = fastlane.module()
+    ffi, lib = mod.ffi, mod.lib
+
+    @ffi.def_extern()  # type: ignore[untyped-decorator]
+    def vl_posted_write(handle: Any, msg_id: int, region: int, offset: int, data: Any,
+                        count: int) -> int:
+        try:
+            target: PostedWriteTarget = ffi.from_handle(handle)
+            return 1 if target.lane_posted_write(msg_id, region, offset,
+                                                 ffi.buffer(data, count)[:]) else 0
+        except Exception:  # never unwind into C; the session logs its own failures
+            log.exception("fastlane.callback_failed")
+            return 0
+
+    return ffi, lib
+
+
+_ffi: Any = None
+_lib: Any = None
+
+
+def _ffi_lib() -> tuple[Any, Any]:
+    global _ffi, _lib
+    if _ffi is None:
+        _ffi, _lib = _bind()
+    return _ffi, _lib
+
+
+class SessionLane:
+    """One connection's lane: owns the C struct; the poller serves it while enabled."""
+
+    def __init__(self, fd: int, target: PostedWriteTarget, counters: MessageCounters,
+                 windows: Sequence[ReadWindow] = (),
+                 access_counters: Counters | None = None) -> None:
+        ffi, lib = _ffi_lib()
+        self._ffi, self._lib = ffi, lib
+        raw = lib.vl_lane_new(fd, READ_SIZE)
+        if raw == ffi.NULL:
+            raise MemoryError("fast lane: cannot allocate")
+        self._c = ffi.gc(raw, lib.vl_lane_free)
+        self._handle = ffi.new_handle(target)
+        self._c.handle = self._handle
+        self._counters = counters
+        self._windows: list[ReadWindow] = []
+        self._pins: list[Any] = []
+        """from_buffer views: they keep the buffers exported (so never resized) and alive."""
+        self._seen_reads = 0
+        self._seen_ns = 0
+        self._seen_buckets = [0] * len(self._c.read_buckets)
+        self._seen_served: list[list[int]] = []
+        self._seen_hist: list[list[list[int]]] = []
+        self._seen_total: list[list[int]] = []
+        for window in windows:
+            self._add_window(window)
+        self._access_counters = access_counters
+        counters.add_collector(self.collect)
+        if access_counters is not None:
+            access_counters.add_collector(self.collect)
+
+    @property
+    def fd(self) -> int:
+        return int(self._c.fd)
+
+    @property
+    def cdata(self) -> Any:
+        return self._c
+
+    def _add_window(self, window: ReadWindow) -> None:
+        c = self._c
+        slot = int(c.nwindows)
+        if slot >= len(c.windows):
+            raise ValueError(f"fast lane: more than {len(c.windows)} read windows")
+        pinned = self._ffi.from_buffer(window.buffer)
+        w = c.windows[slot]
+        w.region = window.region
+        w.mode = int(window.mode)
+        w.start = window.start
+        w.length = window.length
+        w.bytes = self._ffi.cast("const uint8_t *", pinned)
+        w.timed = 1 if window.timed and window.stats else 0
+        w.enabled = 1
+        c.nwindows = slot + 1
+        self._pins.append(pinned)
+        self._windows.append(window)
+        classes = len(w.served)
+        self._seen_served.append([0] * classes)
+        self._seen_total.append([0] * classes)
+        self._seen_hist.append([[0] * len(w.buckets[0]) for _ in range(classes)])
+
+    # -- state the session sets ------------------------------------------
+    def enable(self, max_xfer: int) -> None:
+        self._c.max_xfer = min(max_xfer, 0xFFFFFFFF)
+        self._c.enabled = 1
+
+    def disable(self) -> None:
+        self._c.enabled = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._c.enabled)
+
+    # -- what the C side left ----------------------------------------------
+    def take(self) -> tuple[bytes, tuple[int, ...], str | None] | None:
+        """(data, fds, why the connection ended or None), or None when nothing is left.
+
+        ``data``/``fds`` are exactly what a ``Channel.receive`` would have
+        returned for the unserved rest of one read.
+        """
+        c = self._c
+        start, end, nfds = int(c.pending_start), int(c.pending_end), int(c.nfds)
+        if not (end > start or nfds or c.eof or c.error):
+            return None
+        data = self._ffi.buffer(c.buf + start, end - start)[:] if end > start else b""
+        fds = tuple(int(c.fds[i]) for i in range(nfds))
+        ended: str | None = None
+        if c.error:
+            ended = f"send failed: {errno.errorcode.get(int(c.error), str(int(c.error)))}"
+        elif c.eof:
+            ended = "peer closed the connection"
+        self._lib.vl_lane_clear_pending(c)
+        return data, fds, ended
+
+    # -- counters ----------------------------------------------------------
+    def collect(self) -> None:
+        """Fold what the C side counted since the last call into the Python counters."""
+        c = self._c
+        reads = int(c.reads)
+        if reads != self._seen_reads:
+            buckets = list(c.read_buckets)
+            delta = [now - seen for now, seen in zip(buckets, self._seen_buckets, strict=True)]
+            ns = int(c.read_ns_total)
+            self._counters.merge(_REGION_READ, reads - self._seen_reads, ns - self._seen_ns, delta)
+            self._seen_reads, self._seen_ns, self._seen_buckets = reads, ns, buckets
+        for index, window in enumerate(self._windows):
+            if not window.stats:
+                continue
+            w = c.windows[index]
+            seen_served = self._seen_served[index]
+            for klass, stat in enumerate(window.stats):
+                served = int(w.served[klass])
+                if served == seen_served[klass]:
+                    continue
+                stat.count += served - seen_served[klass]
+                seen_served[klass] = served
+                if w.timed:
+                    buckets = list(w.buckets[klass])
+                    seen = self._seen_hist[index][klass]
+                    total = int(w.ns_total[klass])
+                    interval = Histogram()
+                    interval.buckets = [a - b for a, b in zip(buckets, seen, strict=True)]
+                    interval.count = sum(interval.buckets)
+                    interval.total = total - self._seen_total[index][klass]
+                    interval.min, interval.max = int(w.ns_min[klass]), int(w.ns_max[klass])
+                    stat.latency.merge(interval)
+                    self._seen_hist[index][klass] = buckets
+                    self._seen_total[index][klass] = total
+
+    def close(self) -> None:
+        """Final count; afterwards the counters no longer ask this lane."""
+        self.collect()
+        self._counters.remove_collector(self.collect)
+        if self._access_counters is not None:
+            self._access_counters.remove_collector(self.collect)
+        self.disable()
+
+    @property
+    def served_reads(self) -> int:
+        return int(self._c.reads)
+
+    @property
+    def posted_writes(self) -> int:
+        return int(self._c.posted_writes)
+
+
+class LanePoller:
+    """The event loop's wait, with lanes served in C; one per ``EventLoop``."""
+
+    def __init__(self, epoll_fd: int) -> None:
+        ffi, lib = _ffi_lib()
+        self._ffi, self._lib = ffi, lib
+        raw = lib.vl_poller_new(epoll_fd)
+        if raw == ffi.NULL:
+            raise MemoryError("fast lane: cannot allocate the poller")
+        self._c = ffi.gc(raw, lib.vl_poller_free)
+        self._lanes: dict[int, SessionLane] = {}
+        self._released: list[SessionLane] = []
+        """Lanes removed while C may still be inside them (a callback closed its
+        session): dropped at the start of the next wait, when C is not running."""
+        self._max = 64
+        self._fds = ffi.new("int[]", self._max)
+        self._events = ffi.new("uint32_t[]", self._max)
+
+    def add(self, lane: SessionLane) -> None:
+        rc = self._lib.vl_poller_add(self._c, lane.cdata)
+        if rc < 0:
+            raise OSError(-rc, "fast lane: cannot register the lane")
+        self._lanes[lane.fd] = lane
+
+    def remove(self, fd: int) -> None:
+        lane = self._lanes.pop(fd, None)
+        if lane is not None:
+            self._lib.vl_poller_remove(self._c, fd)
+            self._released.append(lane)
+
+    def __len__(self) -> int:
+        return len(self._lanes)
+
+    def wait(self, timeout: float | None, max_events: int) -> list[tuple[int, int]]:
+        """Like ``select.epoll.poll(timeout, max_events)``: ready fds Python must handle.
+
+        ``timeout`` in seconds (None: forever) is rounded up to milliseconds, as
+        CPython's epoll does. An interrupted wait returns nothing, so that the
+        caller's loop comes round and Python runs its signal handlers.
+        """
+        if self._released:
+            self._released.clear()
+        timeout_ms = -1 if timeout is None or timeout < 0 else math.ceil(timeout * 1000)
+        n = self._lib.vl_poller_wait(self._c, timeout_ms, self._fds, self._events,
+                                     min(max_events, self._max))
+        if n <= 0:
+            if n < 0 and -n != errno.EINTR:
+                raise OSError(-n, "epoll_wait failed")
+            return []
+        fds, events = self._fds, self._events
+        return [(fds[i], events[i]) for i in range(n)]
+
+
+def lane_factory() -> Callable[[int], LanePoller] | None:
+    """``LanePoller`` when the module is built, else None (the loop then uses epoll)."""
+    return LanePoller if fastlane.available() else None

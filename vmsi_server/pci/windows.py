@@ -1,0 +1,45 @@
+"""Read windows: parts of a region whose reads a device answers from plain memory.
+
+A device offers a window when reading the range has no side effect and the
+bytes the guest would get are exactly a buffer the device keeps current (and
+writes only in place). The compiled fast lane (``vmsi_server.fastlane``)
+answers such reads without calling the device; without the lane they go
+through ``PciFunction.read`` as always, so a window must never change what a
+read returns, only who answers it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from vmsi_server.telemetry.counters import AccessStat
+
+
+class WindowMode(enum.IntEnum):
+    """How the lane checks an access and which stat it counts (values shared with lane.h)."""
+
+    BYTES = 0
+    """Any size and alignment (config space)."""
+    MSIX_TABLE = 1
+    """Aligned DWORD/QWORD; stats: QWORD, Vector Control, address/data reads."""
+    MSIX_PBA = 2
+    """Aligned DWORD/QWORD; stats: PBA reads."""
+
+
+@dataclass(frozen=True, eq=False)
+class ReadWindow:
+    region: int
+    start: int
+    buffer: Any
+    """A writable buffer (bytearray, array): its bytes are the window's contents."""
+    mode: WindowMode = WindowMode.BYTES
+    stats: tuple[AccessStat, ...] = ()
+    """Where reads served by the lane are counted (one per mode class; may be empty)."""
+    timed: bool = False
+    """Also time each served read into ``stats`` (``--time-fast-path``)."""
+
+    @property
+    def length(self) -> int:
+        return memoryview(self.buffer).nbytes
