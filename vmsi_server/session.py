@@ -14,8 +14,9 @@ import errno
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
@@ -30,7 +31,7 @@ from vmsi_server.pci.function import (
     validate_irq_request,
 )
 from vmsi_server.pci.irq_lines import IrqLines, is_eventfd
-from vmsi_server.pci.windows import ReadWindow
+from vmsi_server.pci.windows import MaskWindow, ReadWindow
 from vmsi_server.protocol import messages as m
 from vmsi_server.protocol.capabilities import ServerLimits
 from vmsi_server.protocol.connection import (
@@ -67,6 +68,8 @@ from vmsi_server.transport.channel import Channel, ChannelClosed
 from vmsi_server.transport.loop import EventLoop
 
 log = structlog.get_logger("vmsi.session")
+
+W = TypeVar("W", ReadWindow, MaskWindow)
 
 _now_ns = time.perf_counter_ns
 _REGION_READ = int(Command.REGION_READ)  # counters are keyed by the header's plain int
@@ -167,16 +170,20 @@ class Session:
         lanes = self._loop.lanes
         if lanes is not None:
             self._lane = SessionLane(fd, self, self.counters, self._read_windows(),
-                                     self.function.access_counters)
+                                     self.function.access_counters,
+                                     self._in_regions(self.function.mask_windows()))
             lanes.add(self._lane)
         log.info("session.connected", device=self.name, fast_lane=self._lane is not None)
 
     def _read_windows(self) -> list[ReadWindow]:
-        """The function's read windows, each cut to its region (never beyond what
-        the general path's bounds check allows)."""
+        return self._in_regions(self.function.read_windows())
+
+    def _in_regions(self, windows: Sequence[W]) -> list[W]:
+        """The windows that lie inside their region: the lane never serves an access
+        the general path's bounds check would refuse."""
         sizes = self._region_sizes
         out = []
-        for window in self.function.read_windows():
+        for window in windows:
             if window.region < len(sizes) and window.start + window.length <= sizes[window.region]:
                 out.append(window)
             else:
@@ -220,6 +227,17 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def lane_stats(self) -> dict[str, int] | None:
+        """What the compiled lane did for this connection (None without one)."""
+        lane = self._lane
+        if lane is None:
+            return None
+        return {
+            "served_reads": lane.served_reads,
+            "applied_writes": lane.applied_writes,
+            "posted_to_python": lane.posted_writes,
+        }
 
     # -- input --------------------------------------------------------
     def _on_readable(self) -> None:

@@ -188,6 +188,51 @@ static void record_access(struct vl_window *w, int klass, uint64_t ns)
     w->buckets[klass][b < VL_ACCESS_BUCKETS ? b : VL_ACCESS_BUCKETS - 1]++;
 }
 
+static void record_message(uint64_t *buckets, uint64_t *total, uint64_t *count, uint64_t ns)
+{
+    int b = bit_length(ns) - 1;
+    buckets[b < 0 ? 0 : b < VL_MSG_BUCKETS ? b : VL_MSG_BUCKETS - 1]++;
+    *total += ns;
+    (*count)++;
+}
+
+/* Apply a posted Vector Control write in place when it needs nothing else
+ * (see struct vl_mask_window); 1 when applied, 0 when Python must take it. */
+static int try_mask_write(struct vl_lane *lane, uint32_t region, uint64_t offset,
+                          const uint8_t *data, uint32_t count, uint64_t t0)
+{
+    if (count != 4)
+        return 0;
+    for (int i = 0; i < lane->nmasks; i++) {
+        struct vl_mask_window *w = &lane->masks[i];
+        if (w->region != region || offset < w->start || offset - w->start >= w->length)
+            continue;
+        uint64_t rel = offset - w->start;
+        if (!*w->armed || rel % 4 || ((rel >> 2) & 3) != 3)
+            return 0;
+        uint32_t value = get32(data) & w->writable;
+        uint64_t vector = rel / 16;
+        int pending = (w->pending[vector >> 3] >> (vector & 7)) & 1;
+        if (!(value & 1) && pending)
+            return 0; /* an unmask that delivers: Python's */
+        w->dwords[rel >> 2] = value;
+        w->served++;
+        uint64_t ns = now_ns() - t0;
+        if (w->timed) {
+            if (w->served == 1 || ns < w->ns_min)
+                w->ns_min = ns;
+            if (ns > w->ns_max)
+                w->ns_max = ns;
+            w->ns_total += ns;
+            int b = bit_length(ns);
+            w->buckets[b < VL_ACCESS_BUCKETS ? b : VL_ACCESS_BUCKETS - 1]++;
+        }
+        record_message(lane->write_buckets, &lane->write_ns_total, &lane->writes, ns);
+        return 1;
+    }
+    return 0;
+}
+
 /* Answer one REGION_READ from a window; 0 or the errno of the failed send. */
 static int serve_read(struct vl_lane *lane, struct vl_window *w, int klass, uint16_t msg_id,
                       uint64_t offset, uint32_t region, uint32_t count, uint64_t t0)
@@ -213,11 +258,7 @@ static int serve_read(struct vl_lane *lane, struct vl_window *w, int klass, uint
     int err = send_all(lane->fd, reply, ACCESS_SIZE + count);
     if (err)
         return err;
-    uint64_t ns = now_ns() - t0;
-    int b = bit_length(ns) - 1;
-    lane->read_buckets[b < 0 ? 0 : b < VL_MSG_BUCKETS ? b : VL_MSG_BUCKETS - 1]++;
-    lane->read_ns_total += ns;
-    lane->reads++;
+    record_message(lane->read_buckets, &lane->read_ns_total, &lane->reads, now_ns() - t0);
     return 0;
 }
 
@@ -264,6 +305,8 @@ static enum serve_result lane_serve(struct vl_lane *lane, int *python_ran)
         } else if (command == CMD_REGION_WRITE && flags == FLAG_NO_REPLY
                    && size == ACCESS_SIZE + (uint64_t)count && end - pos >= size) {
             pos += size;
+            if (try_mask_write(lane, region, offset, m + ACCESS_SIZE, count, t0))
+                continue;
             lane->posted_writes++;
             *python_ran = 1;
             int stop = vl_posted_write(lane->handle, get16(m), region, offset, m + ACCESS_SIZE,

@@ -16,6 +16,7 @@
 
 /* CDEF-BEGIN */
 #define VL_MAX_WINDOWS 8
+#define VL_MAX_MASK_WINDOWS 2
 #define VL_CLASSES 3
 #define VL_MSG_BUCKETS 32
 #define VL_ACCESS_BUCKETS 64
@@ -44,6 +45,26 @@ struct vl_window {
     uint64_t buckets[VL_CLASSES][VL_ACCESS_BUCKETS];
 };
 
+/* A mask window takes posted DWORD writes of MSI-X Vector Control: the fast
+ * path's mask-bit tracking. Only while *armed (the device says its mask bits
+ * are authoritative) and only when the write needs no delivery: masking, or
+ * unmasking a vector whose pending bit is clear. Anything else goes to Python. */
+struct vl_mask_window {
+    uint32_t region;
+    uint32_t timed;
+    uint64_t start;
+    uint64_t length;
+    uint32_t writable;        /* the bits of Vector Control software may write */
+    uint32_t *dwords;         /* the shadow table, written in place */
+    const uint8_t *pending;   /* the PBA image */
+    const uint32_t *armed;
+    uint64_t served;
+    uint64_t ns_total;
+    uint64_t ns_min;
+    uint64_t ns_max;
+    uint64_t buckets[VL_ACCESS_BUCKETS];
+};
+
 struct vl_lane {
     int fd;
     uint32_t enabled;        /* Python sets it: READY, nothing buffered on its side */
@@ -63,10 +84,16 @@ struct vl_lane {
     uint64_t reads;
     uint64_t read_ns_total;
     uint64_t read_buckets[VL_MSG_BUCKETS];
+    /* the same for posted REGION_WRITEs applied here (mask windows) */
+    uint64_t writes;
+    uint64_t write_ns_total;
+    uint64_t write_buckets[VL_MSG_BUCKETS];
     uint64_t posted_writes;  /* handed to the Python callback */
     uint64_t wakeups;        /* reads from the socket */
     int nwindows;
     struct vl_window windows[VL_MAX_WINDOWS];
+    int nmasks;
+    struct vl_mask_window masks[VL_MAX_MASK_WINDOWS];
 };
 
 struct vl_lane *vl_lane_new(int fd, size_t read_size);

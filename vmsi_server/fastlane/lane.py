@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from vmsi_server import fastlane
-from vmsi_server.pci.windows import ReadWindow
+from vmsi_server.pci.windows import MaskWindow, ReadWindow
 from vmsi_server.protocol.constants import Command
 from vmsi_server.telemetry.counters import Counters, Histogram
 from vmsi_server.telemetry.messages import MessageCounters
@@ -31,6 +31,7 @@ READ_SIZE = 1 << 20
 """Socket read size, as the Python channel's: a doorbell burst comes in one read."""
 
 _REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
 
 
 class PostedWriteTarget(Protocol):
@@ -74,7 +75,8 @@ class SessionLane:
 
     def __init__(self, fd: int, target: PostedWriteTarget, counters: MessageCounters,
                  windows: Sequence[ReadWindow] = (),
-                 access_counters: Counters | None = None) -> None:
+                 access_counters: Counters | None = None,
+                 mask_windows: Sequence[MaskWindow] = ()) -> None:
         ffi, lib = _ffi_lib()
         self._ffi, self._lib = ffi, lib
         raw = lib.vl_lane_new(fd, READ_SIZE)
@@ -87,14 +89,17 @@ class SessionLane:
         self._windows: list[ReadWindow] = []
         self._pins: list[Any] = []
         """from_buffer views: they keep the buffers exported (so never resized) and alive."""
-        self._seen_reads = 0
-        self._seen_ns = 0
-        self._seen_buckets = [0] * len(self._c.read_buckets)
+        self._seen_messages = {_REGION_READ: (0, 0, [0] * len(self._c.read_buckets)),
+                               _REGION_WRITE: (0, 0, [0] * len(self._c.write_buckets))}
+        self._masks: list[MaskWindow] = []
+        self._seen_mask: list[tuple[int, int, list[int]]] = []
         self._seen_served: list[list[int]] = []
         self._seen_hist: list[list[list[int]]] = []
         self._seen_total: list[list[int]] = []
         for window in windows:
             self._add_window(window)
+        for mask in mask_windows:
+            self._add_mask_window(mask)
         self._access_counters = access_counters
         counters.add_collector(self.collect)
         if access_counters is not None:
@@ -129,6 +134,28 @@ class SessionLane:
         self._seen_served.append([0] * classes)
         self._seen_total.append([0] * classes)
         self._seen_hist.append([[0] * len(w.buckets[0]) for _ in range(classes)])
+
+    def _add_mask_window(self, window: MaskWindow) -> None:
+        c = self._c
+        slot = int(c.nmasks)
+        if slot >= len(c.masks):
+            raise ValueError(f"fast lane: more than {len(c.masks)} mask windows")
+        ffi = self._ffi
+        dwords, pending, armed = (ffi.from_buffer(b) for b in (window.dwords, window.pending,
+                                                                window.armed))
+        w = c.masks[slot]
+        w.region = window.region
+        w.start = window.start
+        w.length = window.length
+        w.writable = window.writable
+        w.dwords = ffi.cast("uint32_t *", dwords)
+        w.pending = ffi.cast("const uint8_t *", pending)
+        w.armed = ffi.cast("const uint32_t *", armed)
+        w.timed = 1 if window.timed else 0
+        c.nmasks = slot + 1
+        self._pins.extend((dwords, pending, armed))
+        self._masks.append(window)
+        self._seen_mask.append((0, 0, [0] * len(w.buckets)))
 
     # -- state the session sets ------------------------------------------
     def enable(self, max_xfer: int) -> None:
@@ -167,13 +194,35 @@ class SessionLane:
     def collect(self) -> None:
         """Fold what the C side counted since the last call into the Python counters."""
         c = self._c
-        reads = int(c.reads)
-        if reads != self._seen_reads:
-            buckets = list(c.read_buckets)
-            delta = [now - seen for now, seen in zip(buckets, self._seen_buckets, strict=True)]
-            ns = int(c.read_ns_total)
-            self._counters.merge(_REGION_READ, reads - self._seen_reads, ns - self._seen_ns, delta)
-            self._seen_reads, self._seen_ns, self._seen_buckets = reads, ns, buckets
+        for command, count, total, buckets_c in (
+            (_REGION_READ, c.reads, c.read_ns_total, c.read_buckets),
+            (_REGION_WRITE, c.writes, c.write_ns_total, c.write_buckets),
+        ):
+            n = int(count)
+            seen_n, seen_ns, seen_buckets = self._seen_messages[command]
+            if n == seen_n:
+                continue
+            buckets = list(buckets_c)
+            ns = int(total)
+            delta = [now - seen for now, seen in zip(buckets, seen_buckets, strict=True)]
+            self._counters.merge(command, n - seen_n, ns - seen_ns, delta)
+            self._seen_messages[command] = (n, ns, buckets)
+        for index, mask in enumerate(self._masks):
+            m = c.masks[index]
+            served = int(m.served)
+            seen_count, seen_total, seen_buckets = self._seen_mask[index]
+            if served == seen_count:
+                continue
+            mask.stat.count += served - seen_count
+            if m.timed:
+                buckets = list(m.buckets)
+                total = int(m.ns_total)
+                mask.stat.latency.merge(_interval(
+                    [a - b for a, b in zip(buckets, seen_buckets, strict=True)],
+                    total - seen_total, int(m.ns_min), int(m.ns_max)))
+                self._seen_mask[index] = (served, total, buckets)
+            else:
+                self._seen_mask[index] = (served, seen_total, seen_buckets)
         for index, window in enumerate(self._windows):
             if not window.stats:
                 continue
@@ -189,12 +238,10 @@ class SessionLane:
                     buckets = list(w.buckets[klass])
                     seen = self._seen_hist[index][klass]
                     total = int(w.ns_total[klass])
-                    interval = Histogram()
-                    interval.buckets = [a - b for a, b in zip(buckets, seen, strict=True)]
-                    interval.count = sum(interval.buckets)
-                    interval.total = total - self._seen_total[index][klass]
-                    interval.min, interval.max = int(w.ns_min[klass]), int(w.ns_max[klass])
-                    stat.latency.merge(interval)
+                    stat.latency.merge(_interval(
+                        [a - b for a, b in zip(buckets, seen, strict=True)],
+                        total - self._seen_total[index][klass],
+                        int(w.ns_min[klass]), int(w.ns_max[klass])))
                     self._seen_hist[index][klass] = buckets
                     self._seen_total[index][klass] = total
 
@@ -211,8 +258,24 @@ class SessionLane:
         return int(self._c.reads)
 
     @property
+    def applied_writes(self) -> int:
+        """Posted writes applied in C (mask windows), not handed to Python."""
+        return int(self._c.writes)
+
+    @property
     def posted_writes(self) -> int:
         return int(self._c.posted_writes)
+
+
+def _interval(buckets: list[int], total: int, low: int, high: int) -> Histogram:
+    """A histogram of the samples counted in C since the last collect. Their own
+    min/max are not kept, so the lifetime ones stand in (as ``Histogram.minus``)."""
+    h = Histogram()
+    h.buckets = buckets
+    h.count = sum(buckets)
+    h.total = total
+    h.min, h.max = low, high
+    return h
 
 
 class LanePoller:

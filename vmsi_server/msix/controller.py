@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
+from array import array
 from collections.abc import Iterator
 
 from vmsi_server.msix.ioreq import IRQ_FDS_PRESENT, IRQ_SELECTED_SHIFT, Op
@@ -46,6 +47,7 @@ from vmsi_server.msix.layout import (
     DWORDS_PER_ENTRY,
     ENTRY_SIZE,
     VECTOR_CONTROL_MASKBIT,
+    VECTOR_CONTROL_WRITABLE,
     EntryField,
     MsixGeometry,
 )
@@ -55,7 +57,7 @@ from vmsi_server.msix.shadow import Shadow
 from vmsi_server.msix.slowpath import SlowPath, SlowPathError
 from vmsi_server.pci.function import AccessError, IrqRequest
 from vmsi_server.pci.irq_lines import IrqLines
-from vmsi_server.pci.windows import ReadWindow, WindowMode
+from vmsi_server.pci.windows import MaskWindow, ReadWindow, WindowMode
 from vmsi_server.protocol.constants import IrqIndex, SetIrqsFlags
 from vmsi_server.telemetry.counters import AccessStat, Counters
 
@@ -100,6 +102,8 @@ class MsixController:
         self._function_masked = False
         self._irqs: IrqLines | None = None
         self._table_forwarded = False
+        self._mask_armed = array("I", [0])
+        """Read by the compiled lane's mask window: 1 while ``_table_forwarded``."""
         self._time_fast = self.counters.time_fast_path
         # Without a slow path every decision is "fast": there is no device model.
         self._routes: dict[AccessKind, tuple[Path, AccessStat]] = {}
@@ -117,13 +121,13 @@ class MsixController:
     def attach(self, irqs: IrqLines) -> None:
         """A client connected: its eventfds are where vectors go from now on."""
         self._irqs = irqs
-        self._table_forwarded = False
+        self._set_table_forwarded(False)
         self._redeliver()
 
     def detach(self) -> None:
         """The client went: triggers only set pending bits until the next attach."""
         self._irqs = None
-        self._table_forwarded = False
+        self._set_table_forwarded(False)
 
     @property
     def table_forwarded(self) -> bool:
@@ -173,6 +177,22 @@ class MsixController:
             out.append(ReadWindow(g.pba_bar, g.pba_offset, self._pending.image,
                                   WindowMode.MSIX_PBA, (self._routes[K.PBA_READ][1],), timed))
         return out
+
+    def mask_windows(self) -> list[MaskWindow]:
+        """The table's Vector Control writes, when they stay on the fast path (shadow,
+        legacy): the lane then applies a mask, or an unmask with nothing pending, in
+        place, exactly as ``table_write`` would; it is armed while the client forwards
+        the table (see ``table_forwarded``)."""
+        path, stat = self._routes[K.TABLE_WRITE_CONTROL]
+        if path is not Path.FAST:
+            return []
+        g = self.geometry
+        return [MaskWindow(g.table_bar, g.table_offset, self._dwords, self._pending.image,
+                           self._mask_armed, VECTOR_CONTROL_WRITABLE, stat, self._time_fast)]
+
+    def _set_table_forwarded(self, forwarded: bool) -> None:
+        self._table_forwarded = forwarded
+        self._mask_armed[0] = 1 if forwarded else 0
 
     # -- state, for the device and tests ------------------------------
     @property
@@ -242,7 +262,8 @@ class MsixController:
     def table_write(self, offset: int, data: bytes | memoryview) -> None:
         size = len(data)
         check_access("MSI-X table", offset, size, self._table_size)
-        self._table_forwarded = True
+        if not self._table_forwarded:
+            self._set_table_forwarded(True)
         value = int.from_bytes(data, "little")
         index = offset >> 2
         vector = offset // ENTRY_SIZE

@@ -52,7 +52,7 @@ from vmsi_server.pci.igbvf_layout import (
     IGBVF_MSIX_VECTORS,
     IGBVF_REGISTER_BAR,
 )
-from vmsi_server.pci.windows import ReadWindow
+from vmsi_server.pci.windows import MaskWindow, ReadWindow
 from vmsi_server.protocol.constants import IrqIndex, IrqInfoFlags, RegionIndex, RegionInfoFlags
 from vmsi_server.telemetry.counters import Counters
 from vmsi_server.transport.loop import EventLoop
@@ -217,6 +217,9 @@ class Igb82576Vf(PciFunction):
         the fast path, the MSI-X table and PBA: what ``read`` returns for them is
         exactly these buffers."""
         return [ReadWindow(RegionIndex.CONFIG, 0, self.config.buffer), *self.msix.read_windows()]
+
+    def mask_windows(self) -> Sequence[MaskWindow]:
+        return self.msix.mask_windows()
 
     @property
     def access_counters(self) -> Counters:

@@ -31,7 +31,7 @@ from vmsi_server.protocol.constants import (
 
 if TYPE_CHECKING:
     from vmsi_server.dma.memory import GuestMemory
-    from vmsi_server.pci.windows import ReadWindow
+    from vmsi_server.pci.windows import MaskWindow, ReadWindow
     from vmsi_server.telemetry.counters import Counters
     from vmsi_server.transport.loop import EventLoop
 
@@ -149,6 +149,10 @@ class PciFunction(abc.ABC):
     def read_windows(self) -> Sequence[ReadWindow]:
         """Ranges whose reads the compiled lane may answer from memory (see
         ``pci/windows.py``); asked once per connection. None by default."""
+        return ()
+
+    def mask_windows(self) -> Sequence[MaskWindow]:
+        """MSI-X tables whose mask-bit writes the lane may apply (see ``MaskWindow``)."""
         return ()
 
     @property

@@ -1,4 +1,4 @@
-"""Read windows: parts of a region whose reads a device answers from plain memory.
+"""Windows: parts of a region whose accesses a device answers from plain memory.
 
 A device offers a window when reading the range has no side effect and the
 bytes the guest would get are exactly a buffer the device keeps current (and
@@ -43,3 +43,31 @@ class ReadWindow:
     @property
     def length(self) -> int:
         return memoryview(self.buffer).nbytes
+
+
+@dataclass(frozen=True, eq=False)
+class MaskWindow:
+    """An MSI-X table whose Vector Control writes the lane may apply in place.
+
+    Only while ``armed[0]`` is non-zero (the device sets it when the table's
+    mask bits are authoritative and their writes stay on the fast path), and
+    only a write that needs nothing else: a mask, or an unmask of a vector
+    whose bit in ``pending`` is clear. Everything else reaches ``write``.
+    """
+
+    region: int
+    start: int
+    dwords: Any
+    """The table as DWORDs (``array('I')``), written in place."""
+    pending: Any
+    """The PBA's bytes (one bit per vector)."""
+    armed: Any
+    """``array('I', [0 or 1])``."""
+    writable: int
+    """Vector Control bits software may write (the rest read as written by the device)."""
+    stat: AccessStat
+    timed: bool = False
+
+    @property
+    def length(self) -> int:
+        return memoryview(self.dwords).nbytes

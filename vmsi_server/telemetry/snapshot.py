@@ -22,6 +22,7 @@ def server_snapshot(built: BuiltServer) -> dict[str, Any]:
             "clients_refused": endpoint.refused,
             "messages": endpoint.counters.snapshot(),
             "eventfd_swaps": session.irqs.swaps if session is not None else None,
+            "fast_lane": _lane_stats(session),
             "msix": vf.counters.snapshot(),
             "nic": vf.stats.snapshot(),
             "mac": vf.pf.vf(vf.vf_index).mac.hex(":"),
@@ -54,3 +55,9 @@ def server_snapshot(built: BuiltServer) -> dict[str, Any]:
         # "table reads forwarded under this policy" is one number.
         "msix_totals": msix_totals(devices.values()),
     }
+
+
+def _lane_stats(session: object) -> dict[str, int] | None:
+    """The compiled lane's share of this connection (engine sessions only)."""
+    stats = getattr(session, "lane_stats", None)
+    return stats() if callable(stats) else None
