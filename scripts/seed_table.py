@@ -410,7 +410,7 @@ def render_markdown(report: Report) -> str:
 
     out = [
         "# Seed table: MSI-X table-read shadowing at "
-        f"{m.guests} guests",
+        f"{m.guests} guests, guest kernel `{m.kernel.value}`",
         "",
         f"Measured {report.started} on this machine ({os.cpu_count()} CPUs, "
         f"{platform.python_implementation()} {platform.python_version()}; load average "
@@ -578,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="affinity moves/s per guest")
     p.add_argument("--duration", type=float, default=d.duration, help="seconds per run")
     p.add_argument("--rounds", type=int, default=3, help="legacy/shadow pairs")
-    p.add_argument("--kernel", choices=[k.value for k in GuestKernel], default=d.kernel.value)
+    p.add_argument("--kernel", choices=[*KERNEL_ORDER, "both"], default="both",
+                   help="guest kernel MSI-X pattern; both (default): the seed's era "
+                   "(linux-2.6) first, then a current kernel (linux-6)")
     p.add_argument("--workers", type=int, default=d.workers, help="load-generator processes")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-floor", action="store_true", help="skip the interrupt-delivery floor run")
@@ -589,30 +591,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+KERNEL_ORDER = ("linux-2.6", "linux-6")
+"""The seed's era first: its figures were measured with 2.6.x guests."""
+
+BOTH_PREFACE = [
+    "# Seed table: MSI-X table-read shadowing at 24 guests, two guest kernels",
+    "",
+    "The same experiment under two guest-kernel MSI-X patterns. `linux-2.6` is the "
+    "seed's era (its figures come from 2010 guests): the kernel read the table back "
+    "after masking *and* after unmasking, and read the message back on affinity moves. "
+    "`linux-6` (5.14 and later) flushes after masking only, so there is half the "
+    "table-read traffic for the shadow to remove, and its saving is smaller. "
+    "The goal is judged on each; the seed's own comparison is the first.",
+    "",
+]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    kernels = KERNEL_ORDER if args.kernel == "both" else (args.kernel,)
     try:
-        model = LoadModel(
-            guests=args.guests, rate=args.rate, contention=args.contention,
-            affinity_rate=args.affinity_rate, duration=args.duration,
-            kernel=GuestKernel(args.kernel), seed=args.seed,
-            workers=args.workers,
-        )
+        models = [
+            LoadModel(
+                guests=args.guests, rate=args.rate, contention=args.contention,
+                affinity_rate=args.affinity_rate, duration=args.duration,
+                kernel=GuestKernel(kernel), seed=args.seed, workers=args.workers,
+            )
+            for kernel in kernels
+        ]
     except ValueError as exc:
         print(f"seed-table: {exc}", file=sys.stderr)
         return 2
     if args.rounds < 1:
         print("seed-table: --rounds must be at least 1", file=sys.stderr)
         return 2
-    report = run_experiment(
-        model, args.rounds, floor=not args.no_floor, time_fast_path=not args.no_time_fast_path
-    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = render_markdown(report)
+    sections = []
+    for index, model in enumerate(models):
+        report = run_experiment(
+            model, args.rounds, floor=not args.no_floor,
+            time_fast_path=not args.no_time_fast_path,
+        )
+        text = render_markdown(report)
+        if len(models) > 1:  # one document: the sections' titles go a level down
+            text = text.replace("\n## ", "\n### ").replace("# Seed table", "## Seed table", 1)
+        sections.append(text)
+        if not args.no_plot:
+            name = "seed-table.png" if index == 0 else f"seed-table-{model.kernel.value}.png"
+            plot(report, out / name)
+    text = "\n".join(([*BOTH_PREFACE] if len(models) > 1 else []) + sections)
     (out / "seed-table.md").write_text(text)
-    if not args.no_plot:
-        plot(report, out / "seed-table.png")
     print(text)
     return 0
 

@@ -31,7 +31,7 @@ from vmsi_server.pci.function import (
     validate_irq_request,
 )
 from vmsi_server.pci.irq_lines import IrqLines, is_eventfd
-from vmsi_server.pci.windows import MaskWindow, ReadWindow
+from vmsi_server.pci.windows import MaskWindow, ReadWindow, RegisterRule
 from vmsi_server.protocol import messages as m
 from vmsi_server.protocol.capabilities import ServerLimits
 from vmsi_server.protocol.connection import (
@@ -69,7 +69,7 @@ from vmsi_server.transport.loop import EventLoop
 
 log = structlog.get_logger("vmsi.session")
 
-W = TypeVar("W", ReadWindow, MaskWindow)
+W = TypeVar("W", ReadWindow, MaskWindow, RegisterRule)
 
 _now_ns = time.perf_counter_ns
 _REGION_READ = int(Command.REGION_READ)  # counters are keyed by the header's plain int
@@ -171,7 +171,8 @@ class Session:
         if lanes is not None:
             self._lane = SessionLane(fd, self, self.counters, self._read_windows(),
                                      self.function.access_counters,
-                                     self._in_regions(self.function.mask_windows()))
+                                     self._in_regions(self.function.mask_windows()),
+                                     self._in_regions(self.function.register_rules()))
             lanes.add(self._lane)
         log.info("session.connected", device=self.name, fast_lane=self._lane is not None)
 

@@ -16,6 +16,9 @@ def test_seed_table_writes_both_policies(tmp_path: Path, capsys: object) -> None
     ])
     assert rc == 0
     text = (out / "seed-table.md").read_text()
+    # Both guest-kernel patterns, the seed's era first, each with its goals.
+    assert text.index("guest kernel `linux-2.6`") < text.index("guest kernel `linux-6`")
+    assert text.count("### Goals") == 2
     assert "| 1 | floor |" in text
     assert "| 1 | legacy |" in text
     assert "| 1 | shadow |" in text

@@ -233,6 +233,33 @@ static int try_mask_write(struct vl_lane *lane, uint32_t region, uint64_t offset
     return 0;
 }
 
+/* Apply a posted register write by its rule when it needs nothing else. */
+static int try_rule(struct vl_lane *lane, uint32_t region, uint64_t offset, const uint8_t *data,
+                    uint32_t count, uint64_t t0)
+{
+    if (count != 4)
+        return 0;
+    for (int i = 0; i < lane->nrules; i++) {
+        struct vl_rule *r = &lane->rules[i];
+        if (r->region != region || r->offset != offset)
+            continue;
+        uint32_t bits = get32(data) & r->mask;
+        if (r->kind == VL_SET_UNLESS_READY) {
+            if (bits & *r->guard)
+                return 0;
+            *r->target |= bits;
+        } else if (r->kind == VL_CLEAR) {
+            *r->target &= ~bits;
+        } else {
+            return 0;
+        }
+        r->served++;
+        record_message(lane->write_buckets, &lane->write_ns_total, &lane->writes, now_ns() - t0);
+        return 1;
+    }
+    return 0;
+}
+
 /* Answer one REGION_READ from a window; 0 or the errno of the failed send. */
 static int serve_read(struct vl_lane *lane, struct vl_window *w, int klass, uint16_t msg_id,
                       uint64_t offset, uint32_t region, uint32_t count, uint64_t t0)
@@ -305,7 +332,8 @@ static enum serve_result lane_serve(struct vl_lane *lane, int *python_ran)
         } else if (command == CMD_REGION_WRITE && flags == FLAG_NO_REPLY
                    && size == ACCESS_SIZE + (uint64_t)count && end - pos >= size) {
             pos += size;
-            if (try_mask_write(lane, region, offset, m + ACCESS_SIZE, count, t0))
+            if (try_mask_write(lane, region, offset, m + ACCESS_SIZE, count, t0)
+                || try_rule(lane, region, offset, m + ACCESS_SIZE, count, t0))
                 continue;
             lane->posted_writes++;
             *python_ran = 1;

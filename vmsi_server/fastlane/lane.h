@@ -17,6 +17,7 @@
 /* CDEF-BEGIN */
 #define VL_MAX_WINDOWS 8
 #define VL_MAX_MASK_WINDOWS 2
+#define VL_MAX_RULES 4
 #define VL_CLASSES 3
 #define VL_MSG_BUCKETS 32
 #define VL_ACCESS_BUCKETS 64
@@ -65,6 +66,23 @@ struct vl_mask_window {
     uint64_t buckets[VL_ACCESS_BUCKETS];
 };
 
+/* A register rule applies posted DWORD writes of one register in place. */
+enum vl_rule_kind {
+    VL_SET_UNLESS_READY = 0, /* *target |= v & mask, unless v & mask & *guard: Python's */
+    VL_CLEAR = 1             /* *target &= ~(v & mask) */
+};
+
+struct vl_rule {
+    uint32_t region;
+    uint32_t kind;
+    uint32_t mask;
+    uint32_t pad;
+    uint64_t offset;
+    uint32_t *target;
+    const uint32_t *guard;
+    uint64_t served;
+};
+
 struct vl_lane {
     int fd;
     uint32_t enabled;        /* Python sets it: READY, nothing buffered on its side */
@@ -94,6 +112,8 @@ struct vl_lane {
     struct vl_window windows[VL_MAX_WINDOWS];
     int nmasks;
     struct vl_mask_window masks[VL_MAX_MASK_WINDOWS];
+    int nrules;
+    struct vl_rule rules[VL_MAX_RULES];
 };
 
 struct vl_lane *vl_lane_new(int fd, size_t read_size);

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from vmsi_server import fastlane
-from vmsi_server.pci.windows import MaskWindow, ReadWindow
+from vmsi_server.pci.windows import MaskWindow, ReadWindow, RegisterRule
 from vmsi_server.protocol.constants import Command
 from vmsi_server.telemetry.counters import Counters, Histogram
 from vmsi_server.telemetry.messages import MessageCounters
@@ -76,7 +76,8 @@ class SessionLane:
     def __init__(self, fd: int, target: PostedWriteTarget, counters: MessageCounters,
                  windows: Sequence[ReadWindow] = (),
                  access_counters: Counters | None = None,
-                 mask_windows: Sequence[MaskWindow] = ()) -> None:
+                 mask_windows: Sequence[MaskWindow] = (),
+                 rules: Sequence[RegisterRule] = ()) -> None:
         ffi, lib = _ffi_lib()
         self._ffi, self._lib = ffi, lib
         raw = lib.vl_lane_new(fd, READ_SIZE)
@@ -100,6 +101,8 @@ class SessionLane:
             self._add_window(window)
         for mask in mask_windows:
             self._add_mask_window(mask)
+        for rule in rules:
+            self._add_rule(rule)
         self._access_counters = access_counters
         counters.add_collector(self.collect)
         if access_counters is not None:
@@ -156,6 +159,23 @@ class SessionLane:
         self._pins.extend((dwords, pending, armed))
         self._masks.append(window)
         self._seen_mask.append((0, 0, [0] * len(w.buckets)))
+
+    def _add_rule(self, rule: RegisterRule) -> None:
+        c = self._c
+        slot = int(c.nrules)
+        if slot >= len(c.rules):
+            raise ValueError(f"fast lane: more than {len(c.rules)} register rules")
+        pinned = self._ffi.from_buffer(rule.state)
+        state = self._ffi.cast("uint32_t *", pinned)
+        r = c.rules[slot]
+        r.region = rule.region
+        r.offset = rule.offset
+        r.kind = int(rule.kind)
+        r.mask = rule.mask
+        r.target = state + rule.target
+        r.guard = state + rule.guard
+        c.nrules = slot + 1
+        self._pins.append(pinned)
 
     # -- state the session sets ------------------------------------------
     def enable(self, max_xfer: int) -> None:

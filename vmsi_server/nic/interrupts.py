@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from array import array
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol
@@ -35,6 +36,10 @@ from vmsi_server.nic.registers import (
     NUM_VECTORS,
     VECTOR_MASK,
 )
+from vmsi_server.pci.windows import RegisterRule, RuleKind
+
+EICR, EIMS = 0, 1
+"""Indexes of the two registers in ``InterruptUnit.state``."""
 
 EITR_UNIT_S = 256e-9
 """Seconds per EITR count: 488 -> ~125 us -> ~8000 interrupts/s (§6.3)."""
@@ -76,8 +81,9 @@ class InterruptUnit:
         """Messages handed to ``deliver`` per vector (telemetry)."""
         self.deferred = [0] * NUM_VECTORS
         """Messages delayed by EITR per vector (telemetry)."""
-        self.eicr = 0
-        self.eims = 0
+        self.state = array("I", [0, 0])
+        """EICR and EIMS, in a buffer the compiled lane can apply EIMS/EIMC writes to
+        (see :meth:`register_rules`); the ``eicr``/``eims`` properties read them."""
         self.eiac = 0
         self.eiam = 0
         self.eitr = [0] * EITR_COUNT
@@ -91,6 +97,32 @@ class InterruptUnit:
         """EICR bit of the mailbox/"other" cause (from IVAR_MISC)."""
         self._intervals = [0.0] * NUM_VECTORS
         self._last_sent = [-math.inf] * NUM_VECTORS
+
+    @property
+    def eicr(self) -> int:
+        return self.state[EICR]
+
+    @eicr.setter
+    def eicr(self, value: int) -> None:
+        self.state[EICR] = value
+
+    @property
+    def eims(self) -> int:
+        return self.state[EIMS]
+
+    @eims.setter
+    def eims(self, value: int) -> None:
+        self.state[EIMS] = value
+
+    def register_rules(self, region: int, eims_offset: int,
+                       eimc_offset: int) -> list[RegisterRule]:
+        """EIMS and EIMC writes the lane may apply in place: an EIMS write that finds
+        no enabled cause pending only sets bits (no message), EIMC only clears them."""
+        return [
+            RegisterRule(region, eims_offset, RuleKind.SET_UNLESS_READY, VECTOR_MASK,
+                         self.state, EIMS, EICR),
+            RegisterRule(region, eimc_offset, RuleKind.CLEAR, VECTOR_MASK, self.state, EIMS),
+        ]
 
     def reset(self) -> None:
         """Everything to 0 and no timer left behind (CTRL.RST, FLR)."""
@@ -111,8 +143,9 @@ class InterruptUnit:
         bits &= VECTOR_MASK
         if not bits:
             return
-        self.eicr |= bits
-        ready = bits & self.eims
+        state = self.state
+        state[EICR] |= bits
+        ready = bits & state[EIMS]
         while ready:
             low = ready & -ready
             ready ^= low
@@ -129,8 +162,8 @@ class InterruptUnit:
 
     # -- register handlers ----------------------------------------------------------------
     def read_eicr(self) -> int:
-        value = self.eicr
-        self.eicr = 0
+        value = self.state[EICR]
+        self.state[EICR] = 0
         return value
 
     def read_eims(self) -> int:
@@ -142,15 +175,16 @@ class InterruptUnit:
     def write_eims(self, value: int) -> None:
         """Re-arm: a still-pending cause is sent again under the usual rules (§6.3 step 4)."""
         value &= VECTOR_MASK
-        self.eims |= value
-        ready = value & self.eicr
+        state = self.state
+        state[EIMS] |= value
+        ready = value & state[EICR]
         while ready:
             low = ready & -ready
             ready ^= low
             self._try_send(low.bit_length() - 1)
 
     def write_eimc(self, value: int) -> None:
-        self.eims &= ~value & VECTOR_MASK
+        self.state[EIMS] &= ~value & VECTOR_MASK
 
     def read_eiac(self) -> int:
         return self.eiac
@@ -220,9 +254,10 @@ class InterruptUnit:
     def _send(self, vector: int) -> None:
         """§6.3 step 3: auto-clear and auto-mask happen as the message leaves."""
         bit = 1 << vector
+        state = self.state
         if self.eiac & bit:
-            self.eicr &= ~bit
+            state[EICR] &= ~bit & VECTOR_MASK
         if self.eiam & bit:
-            self.eims &= ~bit
+            state[EIMS] &= ~bit & VECTOR_MASK
         self.sent[vector] += 1
         self._deliver(vector)

@@ -52,7 +52,7 @@ from vmsi_server.pci.igbvf_layout import (
     IGBVF_MSIX_VECTORS,
     IGBVF_REGISTER_BAR,
 )
-from vmsi_server.pci.windows import MaskWindow, ReadWindow
+from vmsi_server.pci.windows import MaskWindow, ReadWindow, RegisterRule
 from vmsi_server.protocol.constants import IrqIndex, IrqInfoFlags, RegionIndex, RegionInfoFlags
 from vmsi_server.telemetry.counters import Counters
 from vmsi_server.transport.loop import EventLoop
@@ -220,6 +220,10 @@ class Igb82576Vf(PciFunction):
 
     def mask_windows(self) -> Sequence[MaskWindow]:
         return self.msix.mask_windows()
+
+    def register_rules(self) -> Sequence[RegisterRule]:
+        """igbvf's interrupt re-arm (EIMS after each handler) and EIMC."""
+        return self.core.interrupts.register_rules(REGISTER_BAR, r.EIMS, r.EIMC)
 
     @property
     def access_counters(self) -> Counters:

@@ -31,7 +31,7 @@ from vmsi_server.protocol.constants import (
 
 if TYPE_CHECKING:
     from vmsi_server.dma.memory import GuestMemory
-    from vmsi_server.pci.windows import MaskWindow, ReadWindow
+    from vmsi_server.pci.windows import MaskWindow, ReadWindow, RegisterRule
     from vmsi_server.telemetry.counters import Counters
     from vmsi_server.transport.loop import EventLoop
 
@@ -153,6 +153,10 @@ class PciFunction(abc.ABC):
 
     def mask_windows(self) -> Sequence[MaskWindow]:
         """MSI-X tables whose mask-bit writes the lane may apply (see ``MaskWindow``)."""
+        return ()
+
+    def register_rules(self) -> Sequence[RegisterRule]:
+        """Registers whose posted writes the lane may apply (see ``RegisterRule``)."""
         return ()
 
     @property

@@ -71,3 +71,37 @@ class MaskWindow:
     @property
     def length(self) -> int:
         return memoryview(self.dwords).nbytes
+
+
+class RuleKind(enum.IntEnum):
+    """What a register rule does with a posted DWORD write (values shared with lane.h)."""
+
+    SET_UNLESS_READY = 0
+    """``target |= value & mask``, unless ``value & mask & guard``: then the device
+    must act (an interrupt enable that finds its cause pending), so Python takes it."""
+    CLEAR = 1
+    """``target &= ~(value & mask)``: always pure."""
+
+
+@dataclass(frozen=True, eq=False)
+class RegisterRule:
+    """A register whose posted writes the lane may apply to ``state`` in place."""
+
+    region: int
+    offset: int
+    kind: RuleKind
+    mask: int
+    state: Any
+    """``array('I')`` holding the register (and the guard)."""
+    target: int
+    """Index of the register in ``state``."""
+    guard: int = 0
+    """Index of the register whose bits send a write to Python (SET_UNLESS_READY)."""
+
+    @property
+    def start(self) -> int:
+        return self.offset
+
+    @property
+    def length(self) -> int:
+        return 4
