@@ -15,6 +15,7 @@ Python path (``available()`` says why not), and ``--no-fast-lane`` turns it off.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 _module: Any = None
@@ -40,3 +41,20 @@ def module() -> Any:
     if _module is None:
         raise RuntimeError(f"fast lane unavailable: {_reason}")
     return _module
+
+
+RxChecksum = Callable[[Any, int, int], int]
+"""``(frame buffer, length, vnet header flags) -> status/error bits`` (rxcsum.c)."""
+
+
+def rx_checksum() -> RxChecksum | None:
+    """The receive checksum check of the 82576 in C, or None when the lane is not
+    built (the VF then reports no checksum bits: the guest checks in software)."""
+    if _module is None:
+        return None
+    from_buffer, check = _module.ffi.from_buffer, _module.lib.vl_rx_checksum
+
+    def status(frame: Any, length: int, vnet_flags: int) -> int:
+        return int(check(from_buffer("uint8_t[]", frame), length, vnet_flags))
+
+    return status

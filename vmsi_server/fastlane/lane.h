@@ -128,6 +128,14 @@ void vl_poller_remove(struct vl_poller *poller, int fd);
 int vl_poller_wait(struct vl_poller *poller, int timeout_ms, int *out_fds, uint32_t *out_events,
                    int max_out);
 
+/* rxcsum.c: the status/error bits of the receive checksum offload for one frame. */
+#define VL_RXD_STAT_UDPCS 16
+#define VL_RXD_STAT_TCPCS 32
+#define VL_RXD_STAT_IPCS 64
+#define VL_RXD_ERR_TCPE 536870912
+#define VL_RXD_ERR_IPE 1073741824
+uint32_t vl_rx_checksum(const uint8_t *frame, uint32_t len, uint32_t vnet_flags);
+
 VL_CALLBACK int vl_posted_write(void *handle, uint32_t msg_id, uint32_t region,
                                       uint64_t offset, const uint8_t *data, uint32_t count);
 /* CDEF-END */

@@ -77,6 +77,11 @@ RXD_STAT_IXSM = 0x04
 RXD_STAT_VP = 0x08
 RXD_STAT_UDPCS = 0x10
 RXD_STAT_TCPCS = 0x20
+RXD_STAT_IPCS = 0x40
+RXD_ERR_TCPE = 0x2000_0000
+"""TCP/UDP checksum error (advanced write-back status_error bit 29)."""
+RXD_ERR_IPE = 0x4000_0000
+"""IPv4 header checksum error (bit 30)."""
 RXD_ERR_RXE = 0x80000000
 """RX data error (bit 31): igbvf drops the frame and recycles the buffer."""
 

@@ -6,6 +6,12 @@ For each frame take the descriptor at RDH, read it straight into the buffer at
 write back ``status_error = DD | EOP`` and the length, advance RDH (wrapping). The
 caller raises the RX cause when :meth:`RxQueue.poll` returns more than 0.
 
+Receive checksum offload (the PF's RXCSUM, which igb enables): each frame's IPv4
+header and TCP/UDP checksums are checked as the hardware does (``checksum``, the
+compiled ``vl_rx_checksum``) and reported as IPCS/TCPCS/UDPCS, or IPE/TCPE, so
+igbvf need not sum every payload in the guest. Without the compiled lane no bits
+are reported and the guest checks in software.
+
 Only the advanced one-buffer descriptor type (SRRCTL DESCTYPE 001, what igbvf uses
 at MTU 1500/1504 and <= 1024) is implemented; with another type frames are dropped
 (``rx_unsupported_desctype``). The buffer length used is SRRCTL.BSIZEPKT (KiB, 0 =
@@ -34,11 +40,14 @@ from collections.abc import Callable
 import structlog
 
 from vmsi_server.dma.errors import DmaError
+from vmsi_server.fastlane import RxChecksum
 from vmsi_server.nic.backend.base import PacketBackend
 from vmsi_server.nic.descriptors import (
     DESC_SIZE,
     RX_WB_DESC,
+    RXD_ERR_IPE,
     RXD_ERR_RXE,
+    RXD_ERR_TCPE,
     RXD_STAT_DD,
     RXD_STAT_EOP,
     RXDCTL_ENABLE,
@@ -61,6 +70,7 @@ DEFAULT_BUDGET = 64
 
 _STATUS_OK = RXD_STAT_DD | RXD_STAT_EOP
 _STATUS_ERR = RXD_STAT_DD | RXD_STAT_EOP | RXD_ERR_RXE
+_CSUM_ERRORS = RXD_ERR_IPE | RXD_ERR_TCPE
 _ADDR = struct.Struct("<Q")
 
 
@@ -68,8 +78,10 @@ class RxQueue:
     """The VF's RX queue 0; the register engine stores the ring registers here."""
 
     def __init__(self, memory: Callable[[], DmaMemory | None], backend: PacketBackend,
-                 stats: QueueStats, accepts: Callable[[bytes], bool] | None = None) -> None:
+                 stats: QueueStats, accepts: Callable[[bytes], bool] | None = None,
+                 checksum: RxChecksum | None = None) -> None:
         self._memory = memory
+        self.checksum = checksum
         self.backend = backend
         self.stats = stats
         self.accepts = accepts
@@ -148,6 +160,8 @@ class RxQueue:
         recv, vhdr = backend.recv_into, self._vhdr
         check_gso = backend.vnet_hdr
         unicast = self.unicast
+        checksum = self.checksum
+        csum_good = csum_errors = 0
         pack_wb, addr_of, view = RX_WB_DESC.pack_into, _ADDR.unpack_from, mem.view
         written = 0
         left = budget
@@ -198,7 +212,15 @@ class RxQueue:
                         continue
                     elif buf[0] & 1:
                         multicast += 1
-                    pack_wb(ring, off, 0, 0, 0, _STATUS_OK, got, 0)
+                    status = _STATUS_OK
+                    if checksum is not None:
+                        bits = checksum(buf, got, vhdr[0] if check_gso else 0)
+                        if bits & _CSUM_ERRORS:
+                            csum_errors += 1
+                        elif bits:
+                            csum_good += 1
+                        status |= bits
+                    pack_wb(ring, off, 0, 0, 0, status, got, 0)
                     frames += 1
                     octets += got
                     j += 1
@@ -210,4 +232,6 @@ class RxQueue:
         finally:
             if frames:
                 stats.rx_packets(frames, octets, multicast)
+            if csum_good or csum_errors:
+                stats.rx_checksums(csum_good, csum_errors)
         return written

@@ -65,6 +65,8 @@ class VfStats:
         "gptlbc",
         "interrupts",
         "mprc",
+        "rx_csum_errors",
+        "rx_csum_good",
         "rx_ring_full",
         "rx_wakeups",
         "tx_csum_frames",
@@ -91,6 +93,10 @@ class VfStats:
         """Non-TSO frames sent with an offloaded L4 checksum (TXSM / legacy IC)."""
         self.rx_wakeups = 0
         """Times the backend was found readable (RX polls outside register writes)."""
+        self.rx_csum_good = 0
+        """Frames written back with a verified IP/TCP/UDP checksum (IPCS/TCPCS/UDPCS)."""
+        self.rx_csum_errors = 0
+        """Frames written back with a checksum error bit (IPE/TCPE)."""
         self.rx_ring_full = 0
         """Times RX stopped watching the backend because the ring had no free
         descriptor (frames then wait in the tap until the driver refills)."""
@@ -115,6 +121,10 @@ class VfStats:
         self.gprc += count
         self.gorc += octets
         self.mprc += multicast
+
+    def rx_checksums(self, good: int, errors: int) -> None:
+        self.rx_csum_good += good
+        self.rx_csum_errors += errors
 
     def tx_packet(self, length: int, loopback: bool = False) -> None:
         """A frame left for the backend (one per TSO segment if the caller segments)."""
@@ -155,6 +165,8 @@ class VfStats:
         out["tx_csum_frames"] = self.tx_csum_frames
         out["rx_wakeups"] = self.rx_wakeups
         out["rx_ring_full"] = self.rx_ring_full
+        out["rx_csum_good"] = self.rx_csum_good
+        out["rx_csum_errors"] = self.rx_csum_errors
         irq = self.interrupts
         if irq is not None:
             for v, (sent, deferred) in enumerate(zip(irq.sent, irq.deferred, strict=True)):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from vmsi_server import fastlane
 from vmsi_server.dma.memory import GuestMemory
 from vmsi_server.msix.controller import MsixController
 from vmsi_server.msix.layout import MsixGeometry
@@ -129,7 +130,8 @@ class Igb82576Vf(PciFunction):
         self.stats = VfStats()
         port = pf.vf(vf_index)
         self.tx = TxQueue(self._dma_memory, self.backend, self.stats)
-        self.rx = RxQueue(self._dma_memory, self.backend, self.stats, accepts=port.accepts)
+        self.rx = RxQueue(self._dma_memory, self.backend, self.stats, accepts=port.accepts,
+                          checksum=fastlane.rx_checksum())
         self.core = VfCore(
             pf, vf_index, self.msix.trigger, loop, self.tx, self.rx, stats=self.stats,
             port_changed=self._port_changed,
