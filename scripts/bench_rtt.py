@@ -5,7 +5,10 @@ client (:class:`~vmsi_server.client.client.VfioUserClient`, ``region_read(7, 0, 
 4 bytes of config space) times ``--ops`` round trips against each of them. Targets:
 
 ``server``
-    the real server, ``python -m vmsi_server --socket-path X --no-slowpath``.
+    the real server, ``python -m vmsi_server --socket-path X --no-slowpath
+    --fast-lane on``: config reads are answered by its compiled lane.
+``server-python``
+    the same server with ``--fast-lane off``: the pure Python path, for scale.
 ``echo``
     ``bench/echo_server.c``, compiled here with the system ``cc -O2`` into
     ``bench/bin/`` (gitignored). It makes the same system calls per message as
@@ -72,7 +75,11 @@ def targets(echo_binary: Path, *, libvfio_user: bool) -> list[Target]:
     """The columns, in measurement order; the first is the one the ratio is about."""
     out = [
         Target("server", lambda path: [sys.executable, "-m", "vmsi_server", "--socket-path",
-                                       path, "--no-slowpath", "--log-level", "warning"]),
+                                       path, "--no-slowpath", "--log-level", "warning",
+                                       "--fast-lane", "on"]),
+        Target("server-python", lambda path: [
+            sys.executable, "-m", "vmsi_server", "--socket-path", path, "--no-slowpath",
+            "--log-level", "warning", "--fast-lane", "off"]),
         Target("echo", lambda path: [str(echo_binary), path]),
     ]
     if libvfio_user:
