@@ -20,7 +20,7 @@ import errno
 import os
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from types import TracebackType
 
@@ -69,6 +69,9 @@ class GuestMemory:
         shows up here even when the caller swallows the exception."""
         self.deferred_unmaps = 0
         """Unmaps whose munmap waited for outstanding views (lifetime-rule breaches)."""
+        self.generation = 0
+        """Bumped by every map and unmap: a cached copy of the map table is stale."""
+        self._unmap_listeners: list[Callable[[], None]] = []
 
     # -- DMA_MAP / DMA_UNMAP -------------------------------------------------------
 
@@ -99,6 +102,7 @@ class GuestMemory:
                     os.close(fd)
         self._starts.insert(index, iova)
         self._regions.insert(index, region)
+        self.generation += 1
 
     def add_mapped(self, iova: int, size: int, buffer: object, flags: int) -> None:
         """Record a DMA_MAP that another party already mmapped (libvfio-user).
@@ -111,6 +115,7 @@ class GuestMemory:
         region = ExternalRegion(iova, size, flags, buffer)
         self._starts.insert(index, iova)
         self._regions.insert(index, region)
+        self.generation += 1
 
     def _check_new(self, iova: int, size: int, offset: int, flags: int) -> int:
         """Validate a DMA_MAP against the table; return its insertion index."""
@@ -167,10 +172,33 @@ class GuestMemory:
     def _release(self, region: Region) -> None:
         # Forget the cached hit first: from here on the range must fault.
         self._last = None
+        self.generation += 1
+        for listener in list(self._unmap_listeners):
+            listener()  # drops compiled-code views first, so the munmap is not deferred
         if not region.release():
             self.deferred_unmaps += 1
             _log.warning("dma.unmap_deferred", iova=hex(region.start), size=hex(region.size),
                          reason="a memoryview of the range is still held")
+
+    # -- for compiled code (the fast lane's RX loop) ----------------------------------
+
+    def on_unmap(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs before any range is unmapped: whoever holds pointers
+        from :meth:`host_ranges` must drop them there."""
+        self._unmap_listeners.append(listener)
+
+    def host_ranges(self) -> list[tuple[int, int, bool, memoryview, int]] | None:
+        """``(iova, size, writable, whole-mapping view, index of iova in it)`` for
+        every accessible mapping, or None when some mapping is not one of this
+        server's own mmaps (compiled code then leaves the work to Python)."""
+        out = []
+        for region in self._regions:
+            if type(region) is BackedRegion:
+                out.append((region.start, region.size, region.writable, region.mv_rw,
+                            region.start + region.shift))
+            elif type(region) is not Region:  # fd-less ranges are simply not accessible
+                return None
+        return out
 
     # -- introspection ---------------------------------------------------------------
 

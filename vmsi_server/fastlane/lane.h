@@ -136,6 +136,63 @@ int vl_poller_wait(struct vl_poller *poller, int timeout_ms, int *out_fds, uint3
 #define VL_RXD_ERR_IPE 1073741824
 uint32_t vl_rx_checksum(const uint8_t *frame, uint32_t len, uint32_t vnet_flags);
 
+/* rx.c: RX queue 0 over a tap, the loop of RxQueue._poll. */
+#define VL_RX_MAX_MAPS 64
+#define VL_RX_DROPS 5
+enum vl_rx_drop {
+    VL_RX_DROP_GSO = 0,
+    VL_RX_DROP_OVERSIZE = 1,
+    VL_RX_DROP_RUNT = 2,
+    VL_RX_DROP_FILTERED = 3,
+    VL_RX_DROP_BAD_BUFFER = 4
+};
+enum vl_rx_stop {
+    VL_RX_STOP_DONE = 0,     /* budget used or ring full */
+    VL_RX_STOP_EMPTY = 1,    /* the tap had no more frames (or a read failed) */
+    VL_RX_STOP_RING_DMA = 2  /* descriptors outside guest memory: Python drains `left` */
+};
+
+struct vl_rx_map {
+    uint64_t iova;
+    uint64_t size;
+    uint8_t *host;
+    uint32_t writable;
+    uint32_t pad;
+};
+
+struct vl_rx_job {
+    /* in */
+    int tapfd;
+    uint32_t ring_n;
+    uint64_t ring_base;
+    uint32_t head;
+    uint32_t tail;
+    uint32_t buflen;
+    int32_t budget;
+    uint32_t check_csum;
+    uint32_t has_unicast;
+    uint32_t filter;          /* ask vl_rx_accepts for frames not to the unicast MAC */
+    uint8_t unicast[8];
+    void *handle;
+    int nmaps;
+    struct vl_rx_map maps[VL_RX_MAX_MAPS];
+    /* out (vl_rx_poll zeroes them first) */
+    uint32_t head_out;
+    int32_t left;
+    int32_t stop;
+    uint32_t written;
+    uint32_t frames;
+    uint32_t multicast;
+    uint64_t octets;
+    uint32_t csum_good;
+    uint32_t csum_errors;
+    uint32_t drops[VL_RX_DROPS];
+    int32_t read_errno;
+    uint32_t short_reads;
+};
+int vl_rx_poll(struct vl_rx_job *job);
+VL_CALLBACK int vl_rx_accepts(void *handle, const uint8_t *mac);
+
 VL_CALLBACK int vl_posted_write(void *handle, uint32_t msg_id, uint32_t region,
                                       uint64_t offset, const uint8_t *data, uint32_t count);
 /* CDEF-END */

@@ -40,7 +40,9 @@ from collections.abc import Callable
 import structlog
 
 from vmsi_server.dma.errors import DmaError
+from vmsi_server.dma.memory import GuestMemory
 from vmsi_server.fastlane import RxChecksum
+from vmsi_server.fastlane.rxpath import DROP_REASONS, STOP_RING_DMA, RxResult, TapRx
 from vmsi_server.nic.backend.base import PacketBackend
 from vmsi_server.nic.descriptors import (
     DESC_SIZE,
@@ -79,9 +81,11 @@ class RxQueue:
 
     def __init__(self, memory: Callable[[], DmaMemory | None], backend: PacketBackend,
                  stats: QueueStats, accepts: Callable[[bytes], bool] | None = None,
-                 checksum: RxChecksum | None = None) -> None:
+                 checksum: RxChecksum | None = None, fast: TapRx | None = None) -> None:
         self._memory = memory
         self.checksum = checksum
+        self.fast = fast
+        """The compiled loop over the tap (``fastlane.rxpath``), used when set."""
         self.backend = backend
         self.stats = stats
         self.accepts = accepts
@@ -140,6 +144,27 @@ class RxQueue:
             self.stats.drop(reason)
         return 0
 
+    def _fast_done(self, r: RxResult) -> int:
+        """Book what the compiled loop did exactly as the Python loop books it."""
+        self.head = r.head
+        stats = self.stats
+        if r.frames:
+            stats.rx_packets(r.frames, r.octets, r.multicast)
+        if r.csum_good or r.csum_errors:
+            stats.rx_checksums(r.csum_good, r.csum_errors)
+        for reason, count in zip(DROP_REASONS, r.drops, strict=True):
+            if count:
+                stats.drop(reason, count)
+        errors = getattr(self.backend, "errors", None)
+        if errors is not None:
+            if r.read_errno:
+                errors[f"rx_errno_{r.read_errno}"] += 1
+            if r.short_reads:
+                errors["rx_short"] += r.short_reads
+        if r.stop == STOP_RING_DMA:
+            return r.written + self._drain(r.left, "rx_ring_dma")
+        return r.written
+
     def _poll(self, budget: int) -> int:
         if not self.rxdctl & RXDCTL_ENABLE:
             return self._drain(budget, "rx_disabled")
@@ -156,6 +181,11 @@ class RxQueue:
             return self._drain(budget, "rx_no_memory")
         buflen = min((self.srrctl & SRRCTL_BSIZEPKT_MASK) * 1024 or 2048,
                      max(self.max_frame, 0), MAX_RX_BUFFER)
+        fast = self.fast
+        if fast is not None and isinstance(mem, GuestMemory):
+            result = fast.poll(mem, base, n, head, tail, buflen, budget, self.unicast)
+            if result is not None:
+                return self._fast_done(result)
         backend, stats, accepts = self.backend, self.stats, self.accepts
         recv, vhdr = backend.recv_into, self._vhdr
         check_gso = backend.vnet_hdr

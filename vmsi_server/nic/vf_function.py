@@ -18,6 +18,7 @@ import structlog
 
 from vmsi_server import fastlane
 from vmsi_server.dma.memory import GuestMemory
+from vmsi_server.fastlane.rxpath import TapRx
 from vmsi_server.msix.controller import MsixController
 from vmsi_server.msix.layout import MsixGeometry
 from vmsi_server.msix.policy import PathPolicy
@@ -25,6 +26,7 @@ from vmsi_server.msix.slowpath import SlowPath
 from vmsi_server.nic import registers as r
 from vmsi_server.nic.backend.base import PacketBackend
 from vmsi_server.nic.backend.loop import LoopBackend
+from vmsi_server.nic.backend.tap import TapBackend
 from vmsi_server.nic.pf import Pf, VfPort
 from vmsi_server.nic.rx import RxQueue
 from vmsi_server.nic.stats import VfStats
@@ -102,6 +104,14 @@ IRQS: tuple[IrqSpec, ...] = (
 )
 
 
+def _tap_rx(backend: PacketBackend, port: VfPort) -> TapRx | None:
+    """The compiled RX loop, for a tap when the fast lane is built."""
+    if not fastlane.available() or not isinstance(backend, TapBackend):
+        return None
+    fd = backend.fileno()
+    return None if fd is None else TapRx(fd, port.accepts)
+
+
 class Igb82576Vf(PciFunction):
     """One VF of the emulated 82576 PF."""
 
@@ -131,7 +141,7 @@ class Igb82576Vf(PciFunction):
         port = pf.vf(vf_index)
         self.tx = TxQueue(self._dma_memory, self.backend, self.stats)
         self.rx = RxQueue(self._dma_memory, self.backend, self.stats, accepts=port.accepts,
-                          checksum=fastlane.rx_checksum())
+                          checksum=fastlane.rx_checksum(), fast=_tap_rx(self.backend, port))
         self.core = VfCore(
             pf, vf_index, self.msix.trigger, loop, self.tx, self.rx, stats=self.stats,
             port_changed=self._port_changed,

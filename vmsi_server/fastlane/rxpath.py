@@ -1,0 +1,139 @@
+"""The RX loop over a tap in C (``rx.c``): what ``RxQueue._poll`` does per frame.
+
+``TapRx`` keeps the guest's memory map as the C loop needs it (host pointers
+of the server's own mmaps), rebuilt when a DMA_MAP or DMA_UNMAP changes it and
+dropped before any unmap so that no munmap waits on it. ``RxQueue`` calls
+:meth:`TapRx.poll` once its own checks say the ring can take frames; the
+result carries everything the Python loop would have counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from vmsi_server import fastlane
+from vmsi_server.dma.memory import GuestMemory
+
+log = structlog.get_logger("vmsi.fastlane.rx")
+
+DROP_REASONS = ("rx_gso", "rx_oversize", "rx_runt", "rx_filtered", "rx_bad_buffer")
+"""Index i of the job's ``drops`` is reason i (``enum vl_rx_drop``)."""
+
+STOP_DONE, STOP_EMPTY, STOP_RING_DMA = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class RxResult:
+    written: int
+    head: int
+    stop: int
+    left: int
+    frames: int
+    octets: int
+    multicast: int
+    csum_good: int
+    csum_errors: int
+    drops: tuple[int, ...]
+    read_errno: int
+    short_reads: int
+
+
+_bound: tuple[Any, Any] | None = None
+
+
+def _ffi_lib() -> tuple[Any, Any]:
+    global _bound
+    if _bound is None:
+        mod = fastlane.module()
+        ffi = mod.ffi
+
+        @ffi.def_extern()  # type: ignore[untyped-decorator]
+        def vl_rx_accepts(handle: Any, mac: Any) -> int:
+            try:
+                accepts: Callable[[bytes], bool] = ffi.from_handle(handle)
+                return 1 if accepts(ffi.buffer(mac, 6)[:]) else 0
+            except Exception:  # never unwind into C: a filter that fails drops the frame
+                log.exception("fastlane.rx_accepts_failed")
+                return 0
+
+        _bound = (ffi, mod.lib)
+    return _bound
+
+
+class TapRx:
+    """One VF's compiled RX loop over its tap's fd."""
+
+    def __init__(self, tap_fd: int, accepts: Callable[[bytes], bool] | None,
+                 check_csum: bool = True) -> None:
+        ffi, lib = _ffi_lib()
+        self._ffi, self._lib = ffi, lib
+        self._job = ffi.new("struct vl_rx_job *")
+        self._tap_fd = tap_fd
+        self._accepts_handle = ffi.new_handle(accepts) if accepts is not None else ffi.NULL
+        self._filter = 1 if accepts is not None else 0
+        self._check_csum = 1 if check_csum else 0
+        self._max_maps = len(self._job.maps)
+        self._memory: GuestMemory | None = None
+        self._generation = -1
+        self._pins: list[Any] = []
+        job = self._job
+        job.tapfd = tap_fd
+        job.check_csum = self._check_csum
+        job.filter = self._filter
+        job.handle = self._accepts_handle
+
+    def forget(self) -> None:
+        """Drop every pointer into guest memory (an unmap is coming)."""
+        self._job.nmaps = 0
+        self._pins = []
+        self._generation = -1
+
+    def _load_maps(self, memory: GuestMemory) -> bool:
+        if memory is not self._memory:
+            self._memory = memory
+            memory.on_unmap(self.forget)
+        if self._generation == memory.generation:
+            return True
+        self.forget()
+        ranges = memory.host_ranges()
+        if ranges is None or len(ranges) > self._max_maps:
+            return False
+        ffi, job = self._ffi, self._job
+        for i, (iova, size, writable, view, index) in enumerate(ranges):
+            pinned = ffi.from_buffer(view)
+            self._pins.append(pinned)
+            m = job.maps[i]
+            m.iova, m.size, m.writable = iova, size, 1 if writable else 0
+            m.host = ffi.cast("uint8_t *", pinned) + index
+        job.nmaps = len(ranges)
+        self._generation = memory.generation
+        return True
+
+    def poll(self, memory: GuestMemory, base: int, n: int, head: int, tail: int,
+             buflen: int, budget: int, unicast: bytes | None) -> RxResult | None:
+        """Run the loop; None when this memory cannot be handed to C (Python's turn)."""
+        if not self._load_maps(memory):
+            return None
+        ffi, job = self._ffi, self._job
+        job.ring_base = base
+        job.ring_n = n
+        job.head = head
+        job.tail = tail
+        job.buflen = buflen
+        job.budget = budget
+        if unicast is not None:
+            job.has_unicast = 1
+            ffi.memmove(job.unicast, unicast, 6)
+        else:
+            job.has_unicast = 0
+        self._lib.vl_rx_poll(job)
+        return RxResult(
+            int(job.written), int(job.head_out), int(job.stop), int(job.left),
+            int(job.frames), int(job.octets), int(job.multicast),
+            int(job.csum_good), int(job.csum_errors), tuple(job.drops),
+            int(job.read_errno), int(job.short_reads),
+        )
