@@ -22,7 +22,9 @@ from itertools import count
 import pytest
 
 from vmsi_server import fastlane
+from vmsi_server.fastlane.guestmap import GuestMap
 from vmsi_server.fastlane.rxpath import TapRx
+from vmsi_server.fastlane.txpath import TapTx
 from vmsi_server.nic import descriptors as d
 from vmsi_server.nic.backend.tap import (
     IFF_NO_PI,
@@ -154,11 +156,26 @@ def read_frames(fd: int, want: int, ethertype: bytes, timeout: float = 3.0) -> l
     return out
 
 
-def _tso_through_kernel(tap: TapBackend, peer: int, v6: bool, vlan: int | None = None) -> None:
+def _compiled_tx(tap: TapBackend, compiled: bool) -> TapTx | None:
+    """The compiled TX walk over ``tap`` (fastlane/tx.c), or None for the Python walk."""
+    if not compiled:
+        return None
+    if not fastlane.available():
+        pytest.skip(f"fast lane: {fastlane.unavailable_reason()}")
+    fd = tap.fileno()
+    assert fd is not None
+    return TapTx(fd, GuestMap())
+
+
+COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["python", "compiled"])
+
+
+def _tso_through_kernel(tap: TapBackend, peer: int, v6: bool, vlan: int | None = None,
+                        compiled: bool = False) -> None:
     guest = Guest()
     try:
         stats = VfStats()
-        q = TxQueue(lambda: guest.memory, tap, stats)
+        q = TxQueue(lambda: guest.memory, tap, stats, fast=_compiled_tx(tap, compiled))
         ring = guest.alloc(32 * 16)
         enable_tx(q, ring, 32)
         payload = payload_bytes(20000)
@@ -191,30 +208,41 @@ def _tso_through_kernel(tap: TapBackend, peer: int, v6: bool, vlan: int | None =
                 assert ipv4_header_ok(s[14:34])
             assert struct.unpack_from(">I", s, l4 + 4)[0] == 1000 + i * 1448
         assert stats.gptc == 14
+        assert stats.tx_tso_frames == 1 and stats.tx_tso_segments == 14
+        assert q.head == 3
+        if q.fast is not None:  # sent by C, except VLAN insertion (left to Python)
+            assert q.fast.packets == (0 if vlan is not None else 1)
     finally:
         guest.close()
 
 
-def test_tso_ipv4_segmented_by_kernel(wire: tuple[TapBackend, int, str]) -> None:
+@COMPILED
+def test_tso_ipv4_segmented_by_kernel(wire: tuple[TapBackend, int, str], compiled: bool) -> None:
     tap, peer, _ = wire
-    _tso_through_kernel(tap, peer, v6=False)
+    _tso_through_kernel(tap, peer, v6=False, compiled=compiled)
 
 
-def test_tso_vlan_inserted_and_segmented_by_kernel(wire: tuple[TapBackend, int, str]) -> None:
+@COMPILED
+def test_tso_vlan_inserted_and_segmented_by_kernel(wire: tuple[TapBackend, int, str],
+                                                   compiled: bool) -> None:
     tap, peer, _ = wire
-    _tso_through_kernel(tap, peer, v6=False, vlan=0x0064)
+    _tso_through_kernel(tap, peer, v6=False, vlan=0x0064, compiled=compiled)
 
 
-def test_tso_ipv6_segmented_by_kernel(wire: tuple[TapBackend, int, str]) -> None:
+@COMPILED
+def test_tso_ipv6_segmented_by_kernel(wire: tuple[TapBackend, int, str], compiled: bool) -> None:
     tap, peer, _ = wire
-    _tso_through_kernel(tap, peer, v6=True)
+    _tso_through_kernel(tap, peer, v6=True, compiled=compiled)
 
 
-def test_checksum_offload_finished_by_kernel(wire: tuple[TapBackend, int, str]) -> None:
+@COMPILED
+def test_checksum_offload_finished_by_kernel(wire: tuple[TapBackend, int, str],
+                                             compiled: bool) -> None:
     tap, peer, _ = wire
     guest = Guest()
     try:
-        q = TxQueue(lambda: guest.memory, tap, VfStats())
+        stats = VfStats()
+        q = TxQueue(lambda: guest.memory, tap, stats, fast=_compiled_tx(tap, compiled))
         ring = guest.alloc(16 * 16)
         enable_tx(q, ring, 16)
         frames = [ipv4_udp(payload_bytes(700)), ipv4_fixed(ipv4_tcp(payload_bytes(900)))]
@@ -233,6 +261,8 @@ def test_checksum_offload_finished_by_kernel(wire: tuple[TapBackend, int, str]) 
         assert len(got) == 2
         assert all(l4_ok(g, 14) for g in got)
         assert [len(g) for g in got] == [len(f) for f in frames]
+        assert stats.tx_csum_frames == 2 and stats.gptc == 2
+        assert q.fast is None or q.fast.packets == 2
     finally:
         guest.close()
 

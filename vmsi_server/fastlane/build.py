@@ -1,10 +1,11 @@
 """Build the compiled fast lane: ``python -m vmsi_server.fastlane.build``.
 
-cffi's API mode compiles ``lane.c``, ``rxcsum.c`` and ``rx.c`` with the generated wrapper into
-``vmsi_server/fastlane/_lane.*.so`` next to this file (``make setup`` runs it;
-the .so is not committed). The cdef is the part of ``lane.h`` between its CDEF
-markers, with the integer ``#define`` names substituted (cffi wants literal
-array sizes) and ``VL_CALLBACK`` read as ``extern "Python+C"``.
+cffi's API mode compiles ``lane.c``, ``rxcsum.c``, ``rx.c`` and ``tx.c`` with the
+generated wrapper into ``vmsi_server/fastlane/_lane.*.so`` next to this file
+(``make setup`` runs it; the .so is not committed). The cdef is the part of
+``lane.h`` between its CDEF markers, with the integer ``#define`` names
+substituted (cffi wants literal array sizes) and ``VL_CALLBACK`` read as
+``extern "Python+C"``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "lane.h"
-SOURCES = (HERE / "lane.c", HERE / "rxcsum.c", HERE / "rx.c")
+SOURCES = (HERE / "lane.c", HERE / "rxcsum.c", HERE / "rx.c", HERE / "tx.c")
 MODULE = "vmsi_server.fastlane._lane"
 
 _DEFINE = re.compile(r"^#define\s+(\w+)\s+(\d+)\s*$", re.MULTILINE)

@@ -136,8 +136,23 @@ int vl_poller_wait(struct vl_poller *poller, int timeout_ms, int *out_fds, uint3
 #define VL_RXD_ERR_IPE 1073741824
 uint32_t vl_rx_checksum(const uint8_t *frame, uint32_t len, uint32_t vnet_flags);
 
+/* The guest's memory as compiled code reaches it: host pointers of the
+ * server's own mmaps of the DMA_MAP fds (see fastlane/guestmap.py). */
+#define VL_MAX_MAPS 64
+struct vl_map {
+    uint64_t iova;
+    uint64_t size;
+    uint8_t *host;
+    uint32_t writable;
+    uint32_t pad;
+};
+struct vl_memmap {
+    int n;
+    struct vl_map maps[VL_MAX_MAPS];
+};
+uint8_t *vl_guest_ptr(const struct vl_memmap *mem, uint64_t iova, uint64_t len, int write);
+
 /* rx.c: RX queue 0 over a tap, the loop of RxQueue._poll. */
-#define VL_RX_MAX_MAPS 64
 #define VL_RX_DROPS 5
 enum vl_rx_drop {
     VL_RX_DROP_GSO = 0,
@@ -150,14 +165,6 @@ enum vl_rx_stop {
     VL_RX_STOP_DONE = 0,     /* budget used or ring full */
     VL_RX_STOP_EMPTY = 1,    /* the tap had no more frames (or a read failed) */
     VL_RX_STOP_RING_DMA = 2  /* descriptors outside guest memory: Python drains `left` */
-};
-
-struct vl_rx_map {
-    uint64_t iova;
-    uint64_t size;
-    uint8_t *host;
-    uint32_t writable;
-    uint32_t pad;
 };
 
 struct vl_rx_job {
@@ -174,8 +181,7 @@ struct vl_rx_job {
     uint32_t filter;          /* ask vl_rx_accepts for frames not to the unicast MAC */
     uint8_t unicast[8];
     void *handle;
-    int nmaps;
-    struct vl_rx_map maps[VL_RX_MAX_MAPS];
+    const struct vl_memmap *mem;
     /* out (vl_rx_poll zeroes them first) */
     uint32_t head_out;
     int32_t left;
@@ -192,6 +198,35 @@ struct vl_rx_job {
 };
 int vl_rx_poll(struct vl_rx_job *job);
 VL_CALLBACK int vl_rx_accepts(void *handle, const uint8_t *mac);
+
+/* tx.c: TX queue 0 over a tap, the common packets of TxQueue._walk. */
+#define VL_VNET_HDR_LEN 10
+struct vl_tx_job {
+    /* in */
+    int tapfd;
+    uint32_t ring_n;
+    uint64_t ring_base;
+    uint32_t head;
+    uint32_t tail;
+    const struct vl_memmap *mem;
+    /* in and out: the last context descriptor */
+    uint32_t have_ctx;
+    uint8_t ctx_raw[16];
+    /* out (vl_tx_walk zeroes them first) */
+    uint32_t consumed;       /* descriptors done: TDH moves by this much */
+    uint32_t completed;      /* RS descriptors given DD */
+    uint32_t packets;
+    uint32_t ctx_changed;
+    uint32_t frames;         /* on the wire (TSO segments counted) */
+    uint64_t octets;
+    uint32_t tso_frames;
+    uint32_t tso_segments;
+    uint32_t csum_frames;
+    uint32_t send_eagain;
+    uint32_t send_enobufs;
+    int32_t send_errno;
+};
+int vl_tx_walk(struct vl_tx_job *job);
 
 VL_CALLBACK int vl_posted_write(void *handle, uint32_t msg_id, uint32_t region,
                                       uint64_t offset, const uint8_t *data, uint32_t count);

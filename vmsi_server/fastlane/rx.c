@@ -26,18 +26,24 @@
 #define ERR_RXE 0x80000000u
 #define MAX_RX_BUFFER (16 * 1024)
 
-/* A host pointer for [iova, iova + len) inside one writable mapping, or NULL. */
-static uint8_t *guest_ptr(const struct vl_rx_job *job, uint64_t iova, uint64_t len)
+/* A host pointer for [iova, iova + len) inside one mapping (writable if asked),
+ * or NULL: the whole range must lie in a single mapping, as in GuestMemory. */
+uint8_t *vl_guest_ptr(const struct vl_memmap *mem, uint64_t iova, uint64_t len, int write)
 {
-    for (int i = 0; i < job->nmaps; i++) {
-        const struct vl_rx_map *m = &job->maps[i];
+    for (int i = 0; i < mem->n; i++) {
+        const struct vl_map *m = &mem->maps[i];
         if (iova >= m->iova && iova - m->iova < m->size && len <= m->size - (iova - m->iova)) {
-            if (!m->writable)
+            if (write && !m->writable)
                 return NULL;
             return m->host + (iova - m->iova);
         }
     }
     return NULL;
+}
+
+static uint8_t *guest_ptr(const struct vl_rx_job *job, uint64_t iova, uint64_t len)
+{
+    return vl_guest_ptr(job->mem, iova, len, 1);
 }
 
 static void put_writeback(uint8_t *desc, uint32_t status, uint16_t length)

@@ -1,8 +1,7 @@
 """The RX loop over a tap in C (``rx.c``): what ``RxQueue._poll`` does per frame.
 
-``TapRx`` keeps the guest's memory map as the C loop needs it (host pointers
-of the server's own mmaps), rebuilt when a DMA_MAP or DMA_UNMAP changes it and
-dropped before any unmap so that no munmap waits on it. ``RxQueue`` calls
+``TapRx`` reaches guest memory through a ``GuestMap`` (shared with the TX
+loop). ``RxQueue`` calls
 :meth:`TapRx.poll` once its own checks say the ring can take frames; the
 result carries everything the Python loop would have counted.
 """
@@ -17,6 +16,7 @@ import structlog
 
 from vmsi_server import fastlane
 from vmsi_server.dma.memory import GuestMemory
+from vmsi_server.fastlane.guestmap import GuestMap
 
 log = structlog.get_logger("vmsi.fastlane.rx")
 
@@ -68,55 +68,23 @@ class TapRx:
     """One VF's compiled RX loop over its tap's fd."""
 
     def __init__(self, tap_fd: int, accepts: Callable[[bytes], bool] | None,
-                 check_csum: bool = True) -> None:
+                 check_csum: bool = True, memory_map: GuestMap | None = None) -> None:
         ffi, lib = _ffi_lib()
         self._ffi, self._lib = ffi, lib
+        self.map = memory_map if memory_map is not None else GuestMap()
         self._job = ffi.new("struct vl_rx_job *")
-        self._tap_fd = tap_fd
         self._accepts_handle = ffi.new_handle(accepts) if accepts is not None else ffi.NULL
-        self._filter = 1 if accepts is not None else 0
-        self._check_csum = 1 if check_csum else 0
-        self._max_maps = len(self._job.maps)
-        self._memory: GuestMemory | None = None
-        self._generation = -1
-        self._pins: list[Any] = []
         job = self._job
         job.tapfd = tap_fd
-        job.check_csum = self._check_csum
-        job.filter = self._filter
+        job.check_csum = 1 if check_csum else 0
+        job.filter = 1 if accepts is not None else 0
         job.handle = self._accepts_handle
-
-    def forget(self) -> None:
-        """Drop every pointer into guest memory (an unmap is coming)."""
-        self._job.nmaps = 0
-        self._pins = []
-        self._generation = -1
-
-    def _load_maps(self, memory: GuestMemory) -> bool:
-        if memory is not self._memory:
-            self._memory = memory
-            memory.on_unmap(self.forget)
-        if self._generation == memory.generation:
-            return True
-        self.forget()
-        ranges = memory.host_ranges()
-        if ranges is None or len(ranges) > self._max_maps:
-            return False
-        ffi, job = self._ffi, self._job
-        for i, (iova, size, writable, view, index) in enumerate(ranges):
-            pinned = ffi.from_buffer(view)
-            self._pins.append(pinned)
-            m = job.maps[i]
-            m.iova, m.size, m.writable = iova, size, 1 if writable else 0
-            m.host = ffi.cast("uint8_t *", pinned) + index
-        job.nmaps = len(ranges)
-        self._generation = memory.generation
-        return True
+        job.mem = self.map.cdata
 
     def poll(self, memory: GuestMemory, base: int, n: int, head: int, tail: int,
              buflen: int, budget: int, unicast: bytes | None) -> RxResult | None:
         """Run the loop; None when this memory cannot be handed to C (Python's turn)."""
-        if not self._load_maps(memory):
+        if not self.map.load(memory):
             return None
         ffi, job = self._ffi, self._job
         job.ring_base = base

@@ -149,6 +149,12 @@ class VfStats:
         else:
             self.tx_csum_frames += 1
 
+    def tx_offloads(self, tso_frames: int, tso_segments: int, csum_frames: int) -> None:
+        """Several offloaded frames at once (the compiled TX walk's totals)."""
+        self.tx_tso_frames += tso_frames
+        self.tx_tso_segments += tso_segments
+        self.tx_csum_frames += csum_frames
+
     def drop(self, reason: str, count: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + count
 

@@ -52,6 +52,8 @@ from typing import NamedTuple, Protocol
 import structlog
 
 from vmsi_server.dma.errors import DmaError
+from vmsi_server.dma.memory import GuestMemory
+from vmsi_server.fastlane.txpath import TapTx, TxResult
 from vmsi_server.nic.backend.base import BytesLike, PacketBackend
 from vmsi_server.nic.descriptors import (
     CTX_IPLEN_MASK,
@@ -132,6 +134,7 @@ class QueueStats(Protocol):
     def tx_packet(self, length: int) -> None: ...
     def tx_packets(self, count: int, octets: int) -> None: ...
     def tx_offloaded(self, tso_segments: int) -> None: ...
+    def tx_offloads(self, tso_frames: int, tso_segments: int, csum_frames: int) -> None: ...
     def rx_packet(self, length: int, multicast: bool) -> None: ...
     def rx_packets(self, count: int, octets: int, multicast: int) -> None: ...
     def rx_checksums(self, good: int, errors: int) -> None: ...
@@ -171,8 +174,10 @@ class TxQueue:
     """The VF's TX queue 0; the register engine stores the ring registers here."""
 
     def __init__(self, memory: Callable[[], DmaMemory | None], backend: PacketBackend,
-                 stats: QueueStats) -> None:
+                 stats: QueueStats, fast: TapTx | None = None) -> None:
         self._memory = memory
+        self.fast = fast
+        """The compiled walk over the tap (``fastlane.txpath``), tried first when set."""
         self.backend = backend
         self.stats = stats
         self.bal = 0
@@ -238,6 +243,16 @@ class TxQueue:
         if mem is None:
             stats.drop("tx_no_memory")
             return 0
+        fast = self.fast
+        if (fast is not None and not self._discard and not self.more
+                and isinstance(mem, GuestMemory)):
+            done = fast.walk(mem, base, n, head, tail,
+                             self._ctx_raw if self._ctx is not None else None)
+            if done is not None and done.consumed:
+                self._fast_done(done)
+                if done.consumed == pending:
+                    return done.completed
+                return done.completed + self._walk()  # Python takes it from here
         first = min(window, n - head)
         try:
             raw = mem.read(base + head * DESC_SIZE, first * DESC_SIZE)
@@ -308,6 +323,26 @@ class TxQueue:
             consumed = window
         self.head = (head + consumed) % n
         return completed
+
+    def _fast_done(self, r: TxResult) -> None:
+        """Book what the compiled walk sent exactly as ``_packet`` books it."""
+        _, n = ring_slots(self.bal, self.bah, self.len)
+        self.head = (self.head + r.consumed) % n
+        if r.context is not None:
+            self._store_context(r.context, 0)
+        stats = self.stats
+        if r.frames:
+            stats.tx_packets(r.frames, r.octets)
+        if r.tso_frames or r.csum_frames:
+            stats.tx_offloads(r.tso_frames, r.tso_segments, r.csum_frames)
+        errors = getattr(self.backend, "errors", None)
+        if errors is not None:
+            if r.send_eagain:
+                errors["tx_eagain"] += r.send_eagain
+            if r.send_enobufs:
+                errors["tx_enobufs"] += r.send_enobufs
+            if r.send_errno:
+                errors[f"tx_errno_{r.send_errno}"] += 1
 
     def _store_context(self, raw: bytes, off: int) -> None:
         key = raw[off:off + DESC_SIZE]

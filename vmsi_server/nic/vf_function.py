@@ -18,7 +18,9 @@ import structlog
 
 from vmsi_server import fastlane
 from vmsi_server.dma.memory import GuestMemory
+from vmsi_server.fastlane.guestmap import GuestMap
 from vmsi_server.fastlane.rxpath import TapRx
+from vmsi_server.fastlane.txpath import TapTx
 from vmsi_server.msix.controller import MsixController
 from vmsi_server.msix.layout import MsixGeometry
 from vmsi_server.msix.policy import PathPolicy
@@ -104,12 +106,15 @@ IRQS: tuple[IrqSpec, ...] = (
 )
 
 
-def _tap_rx(backend: PacketBackend, port: VfPort) -> TapRx | None:
-    """The compiled RX loop, for a tap when the fast lane is built."""
+def _tap_queues(backend: PacketBackend, port: VfPort) -> tuple[TapRx | None, TapTx | None]:
+    """The compiled RX loop and TX walk, for a tap when the fast lane is built."""
     if not fastlane.available() or not isinstance(backend, TapBackend):
-        return None
+        return None, None
     fd = backend.fileno()
-    return None if fd is None else TapRx(fd, port.accepts)
+    if fd is None:
+        return None, None
+    memory_map = GuestMap()
+    return TapRx(fd, port.accepts, memory_map=memory_map), TapTx(fd, memory_map)
 
 
 class Igb82576Vf(PciFunction):
@@ -139,9 +144,10 @@ class Igb82576Vf(PciFunction):
         self.backend: PacketBackend = backend if backend is not None else LoopBackend(keep=False)
         self.stats = VfStats()
         port = pf.vf(vf_index)
-        self.tx = TxQueue(self._dma_memory, self.backend, self.stats)
+        tap_rx, tap_tx = _tap_queues(self.backend, port)
+        self.tx = TxQueue(self._dma_memory, self.backend, self.stats, fast=tap_tx)
         self.rx = RxQueue(self._dma_memory, self.backend, self.stats, accepts=port.accepts,
-                          checksum=fastlane.rx_checksum(), fast=_tap_rx(self.backend, port))
+                          checksum=fastlane.rx_checksum(), fast=tap_rx)
         self.core = VfCore(
             pf, vf_index, self.msix.trigger, loop, self.tx, self.rx, stats=self.stats,
             port_changed=self._port_changed,
