@@ -446,7 +446,7 @@ class LibvfioUserServer:
         limits: SessionLimits | None = None,
     ) -> None:
         self.lib = vfu.load(library)
-        self.loop = loop or EventLoop()
+        self.loop = loop or EventLoop(fast_lane=False)  # its sessions are libvfio-user's
         self.limits = limits or SessionLimits()
         self.endpoints: list[LibvfioUserDevice] = []
         self._closers: list[Callable[[], None]] = []
