@@ -54,3 +54,11 @@ class GuestMap:
         table.n = len(ranges)
         self._generation = memory.generation
         return True
+
+
+def set_ring(job: Any, base: int, n: int, head: int, tail: int) -> None:
+    """The ring fields every compiled queue job starts from."""
+    job.ring_base = base
+    job.ring_n = n
+    job.head = head
+    job.tail = tail

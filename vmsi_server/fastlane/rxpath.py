@@ -16,7 +16,7 @@ import structlog
 
 from vmsi_server import fastlane
 from vmsi_server.dma.memory import GuestMemory
-from vmsi_server.fastlane.guestmap import GuestMap
+from vmsi_server.fastlane.guestmap import GuestMap, set_ring
 
 log = structlog.get_logger("vmsi.fastlane.rx")
 
@@ -87,10 +87,7 @@ class TapRx:
         if not self.map.load(memory):
             return None
         ffi, job = self._ffi, self._job
-        job.ring_base = base
-        job.ring_n = n
-        job.head = head
-        job.tail = tail
+        set_ring(job, base, n, head, tail)
         job.buflen = buflen
         job.budget = budget
         if unicast is not None:

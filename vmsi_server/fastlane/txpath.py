@@ -14,7 +14,7 @@ from typing import Any
 
 from vmsi_server import fastlane
 from vmsi_server.dma.memory import GuestMemory
-from vmsi_server.fastlane.guestmap import GuestMap
+from vmsi_server.fastlane.guestmap import GuestMap, set_ring
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +54,7 @@ class TapTx:
         if not self.map.load(memory):
             return None
         ffi, job = self._ffi, self._job
-        job.ring_base = base
-        job.ring_n = n
-        job.head = head
-        job.tail = tail
+        set_ring(job, base, n, head, tail)
         if context is not None:
             job.have_ctx = 1
             ffi.memmove(job.ctx_raw, context, 16)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from vmsi_server.telemetry.collectors import Collectors
 from vmsi_server.telemetry.cpu import process_cpu_seconds
 
 BUCKETS = 64
@@ -140,7 +141,7 @@ class AccessStat:
         self.latency.record(ns)
 
 
-class Counters:
+class Counters(Collectors):
     """All statistics of one server process.
 
     ``time_fast_path``: whether fast-path accesses are timed too (two
@@ -188,19 +189,6 @@ class Counters:
 
     def gauge(self, name: str) -> float:
         return self._gauges[name]()
-
-    # -- counts kept elsewhere (the compiled fast lane) -------------------
-    def add_collector(self, collect: Callable[[], None]) -> None:
-        """``collect()`` folds outside counts into these stats; run before every read-out."""
-        self._collectors.append(collect)
-
-    def remove_collector(self, collect: Callable[[], None]) -> None:
-        if collect in self._collectors:
-            self._collectors.remove(collect)
-
-    def collect(self) -> None:
-        for collect in list(self._collectors):
-            collect()
 
     # -- export -------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

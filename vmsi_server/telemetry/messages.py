@@ -12,12 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from vmsi_server.protocol.constants import Command
+from vmsi_server.telemetry.collectors import Collectors
 
 _BUCKETS = 32
 """log2 buckets of nanoseconds: bucket b holds [2^b, 2^(b+1)) ns; 2^31 ns is 2 s."""
 
 
-class MessageCounters:
+class MessageCounters(Collectors):
     """Counts and a log2 latency histogram per command number."""
 
     __slots__ = ("_collectors", "counts", "errors", "histograms", "total_ns")
@@ -48,19 +49,6 @@ class MessageCounters:
             hist = self.histograms[command] = [0] * _BUCKETS
         for b, n in enumerate(buckets[:_BUCKETS]):
             hist[b] += n
-
-    # -- counts kept elsewhere (the compiled fast lane) -------------------
-    def add_collector(self, collect: Callable[[], None]) -> None:
-        """``collect()`` calls :meth:`merge`; it runs before every read-out."""
-        self._collectors.append(collect)
-
-    def remove_collector(self, collect: Callable[[], None]) -> None:
-        if collect in self._collectors:
-            self._collectors.remove(collect)
-
-    def collect(self) -> None:
-        for collect in list(self._collectors):
-            collect()
 
     def error(self, command: int) -> None:
         self.errors[command] = self.errors.get(command, 0) + 1
