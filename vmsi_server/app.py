@@ -193,6 +193,7 @@ def build_server(config: ServerConfig) -> BuiltServer:
                 pf, index, server.loop, backend=backend, policy=config.policy,
                 slow_path=slow_path,
                 counters=Counters(process_cpu=False, time_fast_path=config.time_fast_path),
+                compiled=config.fast_lane,
             )
             server.on_close(vf.close)
             vfs.append(vf)

@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast-lane",
         choices=["auto", "on", "off"],
         default="auto",
-        help="the compiled lane that serves REGION_READ windows and posted writes in C "
-        "(built by `make setup`): auto uses it when built, on requires it, off runs "
-        "the pure Python path",
+        help="the compiled fast lane (built by `make setup`): window reads, in-place "
+        "writes and the tap packet loops in C; auto uses it when built, on requires "
+        "it, off runs everything in Python",
     )
     parser.add_argument(
         "--backend",

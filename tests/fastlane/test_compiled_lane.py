@@ -245,3 +245,17 @@ def test_served_reads_reach_the_counters_of_a_snapshot() -> None:
             r.send(read(100 + i, BAR3, 0x0C, 4))
         assert r.session.counters.count(READ) == before + 50
         assert r.vf.counters.access_count("msix-table", "read-control", "fast") == 50
+
+
+def test_fast_lane_off_means_no_compiled_code_in_the_vf() -> None:
+    loop = EventLoop(fast_lane=False)
+    try:
+        python_vf = Igb82576Vf(Pf(1), 0, loop, compiled=False)
+        default_vf = Igb82576Vf(Pf(1), 0, loop)
+        assert python_vf.rx.checksum is None and python_vf.rx.fast is None
+        assert python_vf.tx.fast is None
+        assert default_vf.rx.checksum is not None  # built: the RX checksum check is on
+        python_vf.close()
+        default_vf.close()
+    finally:
+        loop.close()

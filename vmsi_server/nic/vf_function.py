@@ -129,7 +129,10 @@ class Igb82576Vf(PciFunction):
         policy: PathPolicy = PathPolicy.SHADOW,
         slow_path: SlowPath | None = None,
         counters: Counters | None = None,
+        compiled: bool | None = None,
     ) -> None:
+        """``compiled``: use the fast lane's packet loops and RX checksum check (None:
+        when the module is built; False: the pure Python queues)."""
         super().__init__()
         self.name = f"vf{vf_index}"
         self.vf_index = vf_index
@@ -144,10 +147,11 @@ class Igb82576Vf(PciFunction):
         self.backend: PacketBackend = backend if backend is not None else LoopBackend(keep=False)
         self.stats = VfStats()
         port = pf.vf(vf_index)
-        tap_rx, tap_tx = _tap_queues(self.backend, port)
+        use_c = fastlane.available() if compiled is None else compiled
+        tap_rx, tap_tx = _tap_queues(self.backend, port) if use_c else (None, None)
         self.tx = TxQueue(self._dma_memory, self.backend, self.stats, fast=tap_tx)
         self.rx = RxQueue(self._dma_memory, self.backend, self.stats, accepts=port.accepts,
-                          checksum=fastlane.rx_checksum(), fast=tap_rx)
+                          checksum=fastlane.rx_checksum() if use_c else None, fast=tap_rx)
         self.core = VfCore(
             pf, vf_index, self.msix.trigger, loop, self.tx, self.rx, stats=self.stats,
             port_changed=self._port_changed,
