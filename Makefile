@@ -26,6 +26,12 @@ host-packages:
 	  echo "installing host packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends $$missing; fi
+	@# The fast lane compiles against Python.h: Debian's python3 needs python3-dev.
+	@inc=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	if [ ! -f "$$inc/Python.h" ] && [ "$$(command -v $(PYTHON))" = /usr/bin/python3 ]; then \
+	  echo "installing host packages: python3-dev"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends python3-dev; fi
 
 ## lab: QEMU >= 10.1 (trixie-backports, in a chroot on Debian 12) and the guest image
 lab: setup

@@ -14,6 +14,7 @@ import argparse
 import re
 import shutil
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,10 @@ def builder() -> Any:
 
 def build(quiet: bool = True) -> Path:
     """Compile and install the module next to this file; returns its path."""
+    include = Path(sysconfig.get_paths()["include"])
+    if not (include / "Python.h").exists():
+        raise RuntimeError(f"no Python.h in {include}: install this Python's headers "
+                           "(on Debian: apt-get install python3-dev)")
     ffi = builder()
     with tempfile.TemporaryDirectory(prefix="vmsi-fastlane-") as tmp:
         built = Path(ffi.compile(tmpdir=tmp, verbose=not quiet))
