@@ -351,20 +351,10 @@ class Session:
         return True
 
     def lane_posted_write(self, msg_id: int, region: int, offset: int, data: bytes) -> bool:
-        """A posted REGION_WRITE the lane read (``SessionLane``'s callback): applied
-        as ``_serve_posted_writes`` does, an out-of-bounds one answered as the general
-        path would (counted, logged, no reply). True when the session closed."""
-        start = _now_ns()
-        try:
-            self._check_access(region, offset, len(data))
-            if data:
-                self.function.write(region, offset, memoryview(data))
-        except Exception as exc:
-            header = Header(msg_id, _REGION_WRITE, REGION_READ_REQUEST_SIZE + len(data), _NO_REPLY)
-            if not self._handler_failed(header, exc):
-                return True
-        self.counters.record(_REGION_WRITE, _now_ns() - start)  # failed ones too, as _dispatch
-        return self._closed
+        """A posted REGION_WRITE the lane read (``SessionLane``'s callback). Applied by
+        :meth:`_apply_posted`, bounds check included (an out-of-bounds one is counted
+        and logged as the general path does). True when the session closed."""
+        return not self._apply_posted(msg_id, offset, region, memoryview(data), checked=False)
 
     def _serve_posted_writes(self, writes: list[PostedWrite]) -> bool:
         """The posted REGION_WRITE lane (see ``ServerConnection.peek_posted_writes``).
@@ -373,27 +363,35 @@ class Session:
         bulk of a NIC's traffic and need no answer: apply them in order from plain
         values. If any is out of bounds nothing is done here (returns False) and
         the general path handles the whole read, logging and counting the bad
-        one as it always does; a device failure is counted and logged here
-        exactly as ``_dispatch`` would (no reply: they are posted).
+        one as it always does.
         """
         sizes = self._region_sizes
         for _msg_id, offset, region, data in writes:
             if region >= len(sizes) or offset + len(data) > sizes[region]:
                 return False
-        write = self.function.write
-        record = self.counters.record
+        apply = self._apply_posted
         for msg_id, offset, region, data in writes:
-            start = _now_ns()
-            if data:
-                try:
-                    write(region, offset, data)
-                except Exception as exc:
-                    header = Header(msg_id, _REGION_WRITE,
-                                    REGION_READ_REQUEST_SIZE + len(data), _NO_REPLY)
-                    if not self._handler_failed(header, exc):
-                        return True
-            record(_REGION_WRITE, _now_ns() - start)
+            if not apply(msg_id, offset, region, data, checked=True):
+                break
         return True
+
+    def _apply_posted(self, msg_id: int, offset: int, region: int, data: memoryview, *,
+                      checked: bool) -> bool:
+        """One posted REGION_WRITE, as ``_dispatch`` + ``_region_write`` would do it: a
+        device failure is counted and logged (no reply: it is posted), and the service
+        time is recorded either way. False when the client is gone."""
+        start = _now_ns()
+        try:
+            if not checked:
+                self._check_access(region, offset, len(data))
+            if data:
+                self.function.write(region, offset, data)
+        except Exception as exc:
+            header = Header(msg_id, _REGION_WRITE, REGION_READ_REQUEST_SIZE + len(data), _NO_REPLY)
+            if not self._handler_failed(header, exc):
+                return False
+        self.counters.record(_REGION_WRITE, _now_ns() - start)
+        return not self._closed
 
     def _serve_read(self, msg_id: int, offset: int, region: int, count: int) -> bool:
         """The REGION_READ fast lane (see ``ServerConnection.peek_region_read``).
