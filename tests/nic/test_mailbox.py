@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
+from nic_fakes import FakeLoop
 
 from vmsi_server.nic import registers as r
 from vmsi_server.nic.mailbox import (
@@ -31,16 +32,7 @@ from vmsi_server.nic.vf_core import VfCore
 MAC = bytes.fromhex("025653000000")
 
 # -- fakes (unit-test only) -------------------------------------------------------------------
-
-
-class FakeHandle:
-    def cancel(self) -> None:
-        pass
-
-
-class FakeLoop:
-    def call_later(self, delay: float, callback: Callable[[], None], /) -> FakeHandle:
-        return FakeHandle()
+# (the timer loop is nic_fakes.FakeLoop, shared by the NIC tests)
 
 
 class FakeTx:

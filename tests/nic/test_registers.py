@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 
 import pytest
+from nic_fakes import FakeLoop
 from structlog.testing import capture_logs
 
 from vmsi_server.nic import registers as r
@@ -22,25 +22,7 @@ from vmsi_server.nic.vf_core import VfCore
 from vmsi_server.pci.function import AccessError
 
 # -- fakes (unit-test only) -------------------------------------------------------------------
-
-
-class FakeHandle:
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeLoop:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.timers: list[tuple[float, Callable[[], None], FakeHandle]] = []
-
-    def call_later(self, delay: float, callback: Callable[[], None], /) -> FakeHandle:
-        handle = FakeHandle()
-        self.timers.append((self.now + delay, callback, handle))
-        return handle
+# (the timer loop is nic_fakes.FakeLoop, shared by the NIC tests)
 
 
 class FakeTx:
