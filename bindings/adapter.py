@@ -62,6 +62,7 @@ from vmsi_server.telemetry.logsetup import debug_enabled
 from vmsi_server.telemetry.messages import MessageCounters
 from vmsi_server.transport.listener import SocketInUse, _clear_stale
 from vmsi_server.transport.loop import EventLoop
+from vmsi_server.transport.signals import StopOnSignals
 
 log = structlog.get_logger("vmsi.libvfio_user")
 
@@ -450,7 +451,7 @@ class LibvfioUserServer:
         self.limits = limits or SessionLimits()
         self.endpoints: list[LibvfioUserDevice] = []
         self._closers: list[Callable[[], None]] = []
-        self._wakeup: tuple[int, int] | None = None
+        self._signals: StopOnSignals | None = None
 
     def add_function(
         self,
@@ -473,19 +474,7 @@ class LibvfioUserServer:
     def install_signal_handlers(
         self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)
     ) -> None:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wakeup = (r, w)
-        signal.set_wakeup_fd(w)
-        for signum in signals:
-            signal.signal(signum, lambda _s, _f: None)
-        self.loop.add_reader(r, self._on_signal)
-
-    def _on_signal(self) -> None:
-        assert self._wakeup is not None
-        with contextlib.suppress(BlockingIOError):
-            received = os.read(self._wakeup[0], 64)
-            log.info("server.signal", signals=sorted(set(received)))
-        self.loop.stop()
+        self._signals = StopOnSignals(self.loop, signals)
 
     def run(self) -> None:
         try:
@@ -502,13 +491,9 @@ class LibvfioUserServer:
             with contextlib.suppress(Exception):
                 closer()
         self._closers.clear()
-        if self._wakeup is not None:
-            r, w = self._wakeup
-            self.loop.remove_reader(r)
-            signal.set_wakeup_fd(-1)
-            os.close(r)
-            os.close(w)
-            self._wakeup = None
+        if self._signals is not None:
+            self._signals.close()
+            self._signals = None
         log.info("server.stopped")
 
 

@@ -10,7 +10,6 @@ through a wakeup fd, and every socket file is removed on the way out.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from vmsi_server.session import Session, SessionLimits
 from vmsi_server.telemetry.messages import MessageCounters
 from vmsi_server.transport.listener import AcceptFailed, Listener
 from vmsi_server.transport.loop import EventLoop
+from vmsi_server.transport.signals import StopOnSignals
 
 log = structlog.get_logger("vmsi.server")
 
@@ -51,8 +51,7 @@ class Server:
         self.loop = loop or EventLoop()
         self.limits = limits or SessionLimits()
         self.endpoints: list[Endpoint] = []
-        self._wakeup_r: int | None = None
-        self._wakeup_w: int | None = None
+        self._signals: StopOnSignals | None = None
         self._closers: list[Callable[[], None]] = []
 
     # -- setup --------------------------------------------------------
@@ -77,19 +76,7 @@ class Server:
     def install_signal_handlers(
         self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)
     ) -> None:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wakeup_r, self._wakeup_w = r, w
-        signal.set_wakeup_fd(w)
-        for signum in signals:
-            signal.signal(signum, lambda _s, _f: None)
-        self.loop.add_reader(r, self._on_signal)
-
-    def _on_signal(self) -> None:
-        assert self._wakeup_r is not None
-        with contextlib.suppress(BlockingIOError):
-            received = os.read(self._wakeup_r, 64)
-            log.info("server.signal", signals=sorted(set(received)))
-        self.loop.stop()
+        self._signals = StopOnSignals(self.loop, signals)
 
     # -- clients ------------------------------------------------------
     def _accept(self, endpoint: Endpoint) -> None:
@@ -155,13 +142,9 @@ class Server:
             except Exception:
                 log.exception("server.closer_failed", closer=repr(closer))
         self._closers.clear()
-        if self._wakeup_r is not None:
-            self.loop.remove_reader(self._wakeup_r)
-            signal.set_wakeup_fd(-1)
-            os.close(self._wakeup_r)
-            assert self._wakeup_w is not None
-            os.close(self._wakeup_w)
-            self._wakeup_r = self._wakeup_w = None
+        if self._signals is not None:
+            self._signals.close()
+            self._signals = None
         log.info("server.stopped")
 
 
