@@ -101,9 +101,9 @@ class MsixController:
         self._enabled = False
         self._function_masked = False
         self._irqs: IrqLines | None = None
-        self._table_forwarded = False
-        self._mask_armed = array("I", [0])
-        """Read by the compiled lane's mask window: 1 while ``_table_forwarded``."""
+        self._forwarded = array("I", [0])
+        """1 while the client forwards the table (see ``table_forwarded``); an array so
+        the compiled lane's mask window reads the same word (it arms the window)."""
         self._time_fast = self.counters.time_fast_path
         # Without a slow path every decision is "fast": there is no device model.
         self._routes: dict[AccessKind, tuple[Path, AccessStat]] = {}
@@ -121,18 +121,18 @@ class MsixController:
     def attach(self, irqs: IrqLines) -> None:
         """A client connected: its eventfds are where vectors go from now on."""
         self._irqs = irqs
-        self._set_table_forwarded(False)
+        self._forwarded[0] = 0
         self._redeliver()
 
     def detach(self) -> None:
         """The client went: triggers only set pending bits until the next attach."""
         self._irqs = None
-        self._set_table_forwarded(False)
+        self._forwarded[0] = 0
 
     @property
     def table_forwarded(self) -> bool:
         """Whether this client writes the table (so its mask bits are authoritative)."""
-        return self._table_forwarded
+        return bool(self._forwarded[0])
 
     def close(self) -> None:
         """Forget the function in the slow path (the device is going away)."""
@@ -188,11 +188,7 @@ class MsixController:
             return []
         g = self.geometry
         return [MaskWindow(g.table_bar, g.table_offset, self._dwords, self._pending.image,
-                           self._mask_armed, VECTOR_CONTROL_WRITABLE, stat, self._time_fast)]
-
-    def _set_table_forwarded(self, forwarded: bool) -> None:
-        self._table_forwarded = forwarded
-        self._mask_armed[0] = 1 if forwarded else 0
+                           self._forwarded, VECTOR_CONTROL_WRITABLE, stat, self._time_fast)]
 
     # -- state, for the device and tests ------------------------------
     @property
@@ -262,8 +258,7 @@ class MsixController:
     def table_write(self, offset: int, data: bytes | memoryview) -> None:
         size = len(data)
         check_access("MSI-X table", offset, size, self._table_size)
-        if not self._table_forwarded:
-            self._set_table_forwarded(True)
+        self._forwarded[0] = 1
         value = int.from_bytes(data, "little")
         index = offset >> 2
         vector = offset // ENTRY_SIZE
@@ -476,14 +471,14 @@ class MsixController:
             self._enabled
             and not self._function_masked
             and not (
-                self._table_forwarded
+                self._forwarded[0]
                 and self._dwords[vector * DWORDS_PER_ENTRY + _CONTROL] & VECTOR_CONTROL_MASKBIT
             )
             and not ((self._client_masked | self._shadow.dirty) >> vector & 1)
         )
 
     def _redeliver_one(self, vector: int) -> None:
-        if self._pending.bits >> vector & 1:
+        if self._pending.test(vector):
             irqs = self._irqs
             if irqs is not None and self._can_fire(vector) and irqs.signal_msix(vector):
                 self._pending.clear(vector)
