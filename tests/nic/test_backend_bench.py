@@ -14,10 +14,18 @@ measurements run briefly and only catch gross regressions (e.g. a quadratic loop
 from __future__ import annotations
 
 import math
-import sys
 import timeit
 from collections.abc import Callable
-from pathlib import Path
+
+from test_descriptors_helpers import (
+    Guest,
+    enable_rx,
+    enable_tx,
+    ipv4_fixed,
+    ipv4_tcp,
+    ipv4_udp,
+    payload_bytes,
+)
 
 from vmsi_server.nic import descriptors as d
 from vmsi_server.nic.backend.loop import LoopBackend
@@ -25,28 +33,6 @@ from vmsi_server.nic.descriptors import RxReadDesc, TxContextDesc, TxDataDesc
 from vmsi_server.nic.rx import RxQueue
 from vmsi_server.nic.stats import VfStats
 from vmsi_server.nic.tx import TxQueue
-
-try:
-    from .test_descriptors_helpers import (
-        Guest,
-        enable_rx,
-        enable_tx,
-        ipv4_fixed,
-        ipv4_tcp,
-        ipv4_udp,
-        payload_bytes,
-    )
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_descriptors_helpers import (  # type: ignore[no-redef]
-        Guest,
-        enable_rx,
-        enable_tx,
-        ipv4_fixed,
-        ipv4_tcp,
-        ipv4_udp,
-        payload_bytes,
-    )
 
 RING = 1024
 

@@ -20,6 +20,19 @@ from contextlib import contextmanager
 from itertools import count
 
 import pytest
+from test_descriptors_helpers import (
+    SRC_MAC,
+    Guest,
+    enable_rx,
+    enable_tx,
+    ipv4_fixed,
+    ipv4_header_ok,
+    ipv4_tcp,
+    ipv4_udp,
+    ipv6_tcp,
+    l4_ok,
+    payload_bytes,
+)
 
 from vmsi_server import fastlane
 from vmsi_server.fastlane.guestmap import GuestMap
@@ -37,35 +50,6 @@ from vmsi_server.nic.descriptors import RxReadDesc, RxWritebackDesc, TxContextDe
 from vmsi_server.nic.rx import RxQueue
 from vmsi_server.nic.stats import VfStats
 from vmsi_server.nic.tx import TxQueue
-
-try:
-    from .test_descriptors_helpers import (
-        SRC_MAC,
-        Guest,
-        enable_rx,
-        enable_tx,
-        ipv4_fixed,
-        ipv4_header_ok,
-        ipv4_tcp,
-        ipv4_udp,
-        ipv6_tcp,
-        l4_ok,
-        payload_bytes,
-    )
-except ImportError:
-    from test_descriptors_helpers import (  # type: ignore[no-redef]
-        SRC_MAC,
-        Guest,
-        enable_rx,
-        enable_tx,
-        ipv4_fixed,
-        ipv4_header_ok,
-        ipv4_tcp,
-        ipv4_udp,
-        ipv6_tcp,
-        l4_ok,
-        payload_bytes,
-    )
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or shutil.which("ip") is None,

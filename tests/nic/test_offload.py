@@ -8,35 +8,20 @@ import random
 import struct
 
 import pytest
+from test_descriptors_helpers import (
+    DST4,
+    SRC4,
+    SRC6,
+    ipv4_header_ok,
+    ipv4_tcp,
+    ipv4_udp,
+    ipv6_tcp,
+    l4_ok,
+    payload_bytes,
+    ref_sum,
+)
 
 from vmsi_server.nic import offload as o
-
-try:
-    from .test_descriptors_helpers import (
-        DST4,
-        SRC4,
-        SRC6,
-        ipv4_header_ok,
-        ipv4_tcp,
-        ipv4_udp,
-        ipv6_tcp,
-        l4_ok,
-        payload_bytes,
-        ref_sum,
-    )
-except ImportError:
-    from test_descriptors_helpers import (  # type: ignore[no-redef]
-        DST4,
-        SRC4,
-        SRC6,
-        ipv4_header_ok,
-        ipv4_tcp,
-        ipv4_udp,
-        ipv6_tcp,
-        l4_ok,
-        payload_bytes,
-        ref_sum,
-    )
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 19, 20, 1499, 1514, 4095, 4097, 9000, 65535, 65536])

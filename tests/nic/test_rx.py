@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterator
 
 import pytest
+from test_descriptors_helpers import Guest, assert_only_changed, enable_rx, payload_bytes
 
 from vmsi_server.nic import descriptors as d
 from vmsi_server.nic import offload as o
@@ -14,16 +15,6 @@ from vmsi_server.nic.backend.loop import LoopBackend
 from vmsi_server.nic.descriptors import RxReadDesc, RxWritebackDesc
 from vmsi_server.nic.rx import RxQueue
 from vmsi_server.nic.stats import VfStats
-
-try:
-    from .test_descriptors_helpers import Guest, assert_only_changed, enable_rx, payload_bytes
-except ImportError:
-    from test_descriptors_helpers import (  # type: ignore[no-redef]
-        Guest,
-        assert_only_changed,
-        enable_rx,
-        payload_bytes,
-    )
 
 OK = d.RXD_STAT_DD | d.RXD_STAT_EOP
 BUF = 2048

@@ -7,6 +7,23 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from test_descriptors_helpers import (
+    DST4,
+    DST6,
+    SRC4,
+    SRC6,
+    Guest,
+    assert_only_changed,
+    enable_tx,
+    ipv4_fixed,
+    ipv4_header_ok,
+    ipv4_tcp,
+    ipv4_udp,
+    ipv6_tcp,
+    l4_ok,
+    payload_bytes,
+    ref_sum,
+)
 
 from vmsi_server.nic import descriptors as d
 from vmsi_server.nic import offload as o
@@ -14,43 +31,6 @@ from vmsi_server.nic.backend.loop import LoopBackend
 from vmsi_server.nic.descriptors import TxContextDesc, TxDataDesc, TxLegacyDesc
 from vmsi_server.nic.stats import VfStats
 from vmsi_server.nic.tx import TxQueue
-
-try:
-    from .test_descriptors_helpers import (
-        DST4,
-        DST6,
-        SRC4,
-        SRC6,
-        Guest,
-        assert_only_changed,
-        enable_tx,
-        ipv4_fixed,
-        ipv4_header_ok,
-        ipv4_tcp,
-        ipv4_udp,
-        ipv6_tcp,
-        l4_ok,
-        payload_bytes,
-        ref_sum,
-    )
-except ImportError:
-    from test_descriptors_helpers import (  # type: ignore[no-redef]
-        DST4,
-        DST6,
-        SRC4,
-        SRC6,
-        Guest,
-        assert_only_changed,
-        enable_tx,
-        ipv4_fixed,
-        ipv4_header_ok,
-        ipv4_tcp,
-        ipv4_udp,
-        ipv6_tcp,
-        l4_ok,
-        payload_bytes,
-        ref_sum,
-    )
 
 V4_TCP = d.TUCMD_IPV4 | d.TUCMD_L4T_TCP
 V4_UDP = d.TUCMD_IPV4 | d.TUCMD_L4T_UDP

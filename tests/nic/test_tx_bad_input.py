@@ -8,33 +8,20 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from test_descriptors_helpers import (
+    Guest,
+    assert_only_changed,
+    ipv4_fixed,
+    ipv4_tcp,
+    ipv4_udp,
+    ipv6_tcp,
+    payload_bytes,
+)
+from test_tx import TxRig
 
 from vmsi_server.nic import descriptors as d
 from vmsi_server.nic.descriptors import TxContextDesc, TxDataDesc
 from vmsi_server.nic.tx import MAX_CHAIN, TxQueue
-
-try:
-    from .test_descriptors_helpers import (
-        Guest,
-        assert_only_changed,
-        ipv4_fixed,
-        ipv4_tcp,
-        ipv4_udp,
-        ipv6_tcp,
-        payload_bytes,
-    )
-    from .test_tx import TxRig
-except ImportError:
-    from test_descriptors_helpers import (  # type: ignore[no-redef]
-        Guest,
-        assert_only_changed,
-        ipv4_fixed,
-        ipv4_tcp,
-        ipv4_udp,
-        ipv6_tcp,
-        payload_bytes,
-    )
-    from test_tx import TxRig  # type: ignore[no-redef]
 
 V4_TCP = d.TUCMD_IPV4 | d.TUCMD_L4T_TCP
 TSO_POPTS = d.TXD_POPTS_TXSM | d.TXD_POPTS_IXSM
