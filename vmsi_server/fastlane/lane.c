@@ -249,7 +249,7 @@ static int try_rule(struct vl_lane *lane, uint32_t region, uint64_t offset, cons
                 return 0;
             *r->target |= bits;
         } else if (r->kind == VL_CLEAR) {
-            *r->target &= ~bits;
+            *r->target &= ~(int64_t)bits;
         } else {
             return 0;
         }

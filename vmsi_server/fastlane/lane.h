@@ -78,8 +78,8 @@ struct vl_rule {
     uint32_t mask;
     uint32_t pad;
     uint64_t offset;
-    uint32_t *target;
-    const uint32_t *guard;
+    int64_t *target;
+    const int64_t *guard;
     uint64_t served;
 };
 

@@ -166,7 +166,7 @@ class SessionLane:
         if slot >= len(c.rules):
             raise ValueError(f"fast lane: more than {len(c.rules)} register rules")
         pinned = self._ffi.from_buffer(rule.state)
-        state = self._ffi.cast("uint32_t *", pinned)
+        state = self._ffi.cast("int64_t *", pinned)
         r = c.rules[slot]
         r.region = rule.region
         r.offset = rule.offset

@@ -92,7 +92,7 @@ class RegisterRule:
     kind: RuleKind
     mask: int
     state: Any
-    """``array('I')`` holding the register (and the guard)."""
+    """``array('q')`` holding the register (and the guard)."""
     target: int
     """Index of the register in ``state``."""
     guard: int = 0
