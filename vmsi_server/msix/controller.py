@@ -64,6 +64,10 @@ from vmsi_server.telemetry.counters import AccessStat, Counters
 _CONTROL = EntryField.VECTOR_CONTROL.value
 _DATA = EntryField.DATA.value
 _SELECT_CHUNK = 64 - IRQ_SELECTED_SHIFT
+GATE_DELIVERED = 0
+"""``MsixController.gate`` slot: messages compiled code delivered (``VL_GATE_DELIVERED``)."""
+GATE_FD = 1
+"""``MsixController.gate`` slot of vector 0's eventfd (``VL_GATE_FD``)."""
 K = AccessKind
 
 
@@ -104,6 +108,12 @@ class MsixController:
         self._forwarded = array("I", [0])
         """1 while the client forwards the table (see ``table_forwarded``); an array so
         the compiled lane's mask window reads the same word (it arms the window)."""
+        self.gate = array("q", [0] + [-1] * geometry.vectors)
+        """What compiled code may deliver without asking: slot GATE_FD + n holds vector
+        n's eventfd while nothing but the table's own mask bit (which C reads live,
+        see ``table_forwarded``) could stop it, else -1; slot GATE_DELIVERED counts the
+        messages C sent. Republished after every change of what gates delivery."""
+        self._gate_seen = 0
         self._time_fast = self.counters.time_fast_path
         # Without a slow path every decision is "fast": there is no device model.
         self._routes: dict[AccessKind, tuple[Path, AccessStat]] = {}
@@ -114,6 +124,7 @@ class MsixController:
         self._delivered = c.access("msix-vector", "delivered", "fast")
         self._pended = c.access("msix-vector", "pended", "fast")
         self._redelivered = c.access("msix-vector", "redelivered", "fast")
+        c.add_collector(self._collect_gate)
         if slow_path is not None:
             slow_path.register(function_id, geometry.vectors, self)
 
@@ -122,12 +133,46 @@ class MsixController:
         """A client connected: its eventfds are where vectors go from now on."""
         self._irqs = irqs
         self._forwarded[0] = 0
+        irqs.add_listener(self._publish_gate)
         self._redeliver()
+        self._publish_gate()
 
     def detach(self) -> None:
         """The client went: triggers only set pending bits until the next attach."""
+        if self._irqs is not None:
+            self._irqs.remove_listener(self._publish_gate)
         self._irqs = None
         self._forwarded[0] = 0
+        self._publish_gate()
+
+    def _publish_gate(self) -> None:
+        """Recompute ``gate`` from the enable/function mask, client masks, dirty
+        entries and eventfds (``_can_fire`` without the table's mask bit)."""
+        gate, irqs = self.gate, self._irqs
+        held = self._client_masked | self._shadow.dirty
+        for v in range(self._vectors):
+            fd = None
+            if (irqs is not None and self._enabled and not self._function_masked
+                    and not held >> v & 1):
+                fd = irqs.fd(IrqIndex.MSIX, v)
+            gate[GATE_FD + v] = -1 if fd is None else fd
+
+    def _collect_gate(self) -> None:
+        """Fold the messages compiled code delivered into ``delivered``."""
+        sent = self.gate[GATE_DELIVERED]
+        if sent != self._gate_seen:
+            self._delivered.count += sent - self._gate_seen
+            self._gate_seen = sent
+
+    @property
+    def forwarded_word(self) -> array[int]:
+        """The one-word buffer behind ``table_forwarded`` (for compiled readers)."""
+        return self._forwarded
+
+    @property
+    def table_dwords(self) -> array[int]:
+        """The shadow table's dwords, in place (for compiled readers)."""
+        return self._dwords
 
     @property
     def table_forwarded(self) -> bool:
@@ -291,8 +336,11 @@ class MsixController:
             # On SlowPathError: a successful restart replayed the shadow (new
             # value included) and ran replayed(); otherwise the entry stays
             # dirty, its vector held, until a later replay acknowledges it.
-            self._call(stat, Op.TABLE_WRITE, offset, send_size, send_value)
-            self._write_through_done(vector)
+            try:
+                self._call(stat, Op.TABLE_WRITE, offset, send_size, send_value)
+                self._write_through_done(vector)
+            finally:
+                self._publish_gate()  # dirty until acknowledged
         self._finish(stat, t0)
 
     # -- PBA ----------------------------------------------------------
@@ -338,6 +386,7 @@ class MsixController:
             if path is not Path.FAST:
                 self._call(stat, Op.CONTROL_CHANGED, 0, 0, int(enabled) | int(function_masked) << 1)
         finally:
+            self._publish_gate()
             self._redeliver()
         self._finish(stat, t0)
 
@@ -395,6 +444,7 @@ class MsixController:
                 update |= (bits >> request.start) << IRQ_SELECTED_SHIFT
                 self._call(stat, Op.IRQ_UPDATE, request.start, request.count, update)
         finally:
+            self._publish_gate()
             for v in fire:
                 self.trigger(v)
             self._redeliver()
@@ -423,6 +473,7 @@ class MsixController:
         self._client_masked = 0
         self._enabled = False
         self._function_masked = False
+        self._publish_gate()
         self.counters.incr("msix.reset")
         if self._slow is not None:
             # On failure a restarted worker got the (reset) shadow by replay;
@@ -463,6 +514,7 @@ class MsixController:
     def replayed(self) -> None:
         """Completion hook for everything in flight: the new worker has the shadow."""
         self._shadow.acknowledge_all()
+        self._publish_gate()
         self._redeliver()
 
     # -- internals ------------------------------------------------------

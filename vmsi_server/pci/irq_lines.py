@@ -10,7 +10,7 @@ leak there grows with the interrupt rate.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vmsi_server.protocol.constants import IrqIndex
 
@@ -26,6 +26,20 @@ class IrqLines:
         """Writes that failed on an fd that was not a working eventfd (then dropped)."""
         self.swaps = 0
         """Installs that replaced an fd already present: QEMU's mask/unmask signal."""
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, changed: Callable[[], None]) -> None:
+        """``changed()`` runs after every install or release (a device that hands its
+        fds to compiled code must hear of each before the loop runs again)."""
+        self._listeners.append(changed)
+
+    def remove_listener(self, changed: Callable[[], None]) -> None:
+        if changed in self._listeners:
+            self._listeners.remove(changed)
+
+    def _changed(self) -> None:
+        for changed in list(self._listeners):
+            changed()
 
     def count(self, index: int) -> int:
         return len(self._fds[index])
@@ -48,6 +62,7 @@ class IrqLines:
                 if old != new_fd:
                     _close_quietly(old)
         self.swaps += replaced
+        self._changed()
         return replaced
 
     def release(self, index: int, start: int, count: int) -> None:
@@ -58,6 +73,7 @@ class IrqLines:
             row[vector] = None
             if old is not None:
                 _close_quietly(old)
+        self._changed()
 
     def release_index(self, index: int) -> None:
         self.release(index, 0, len(self._fds[index]))
@@ -83,6 +99,7 @@ class IrqLines:
             self.signal_errors += 1
             self._fds[index][vector] = None
             _close_quietly(fd)
+            self._changed()
             return False
         return True
 
