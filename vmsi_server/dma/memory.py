@@ -72,6 +72,7 @@ class GuestMemory:
         self.generation = 0
         """Bumped by every map and unmap: a cached copy of the map table is stale."""
         self._unmap_listeners: list[Callable[[], None]] = []
+        self._change_listeners: list[Callable[[], None]] = []
 
     # -- DMA_MAP / DMA_UNMAP -------------------------------------------------------
 
@@ -102,7 +103,7 @@ class GuestMemory:
                     os.close(fd)
         self._starts.insert(index, iova)
         self._regions.insert(index, region)
-        self.generation += 1
+        self._changed()
 
     def add_mapped(self, iova: int, size: int, buffer: object, flags: int) -> None:
         """Record a DMA_MAP that another party already mmapped (libvfio-user).
@@ -115,7 +116,7 @@ class GuestMemory:
         region = ExternalRegion(iova, size, flags, buffer)
         self._starts.insert(index, iova)
         self._regions.insert(index, region)
-        self.generation += 1
+        self._changed()
 
     def _check_new(self, iova: int, size: int, offset: int, flags: int) -> int:
         """Validate a DMA_MAP against the table; return its insertion index."""
@@ -179,6 +180,13 @@ class GuestMemory:
             self.deferred_unmaps += 1
             _log.warning("dma.unmap_deferred", iova=hex(region.start), size=hex(region.size),
                          reason="a memoryview of the range is still held")
+        for listener in list(self._change_listeners):
+            listener()
+
+    def _changed(self) -> None:
+        self.generation += 1
+        for listener in list(self._change_listeners):
+            listener()
 
     # -- for compiled code (the fast lane's RX loop) ----------------------------------
 
@@ -186,6 +194,11 @@ class GuestMemory:
         """``listener()`` runs before any range is unmapped: whoever holds pointers
         from :meth:`host_ranges` must drop them there."""
         self._unmap_listeners.append(listener)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs after every map and unmap: whoever keeps a copy of the
+        table for compiled code that runs without asking reloads it there."""
+        self._change_listeners.append(listener)
 
     def host_ranges(self) -> list[tuple[int, int, bool, memoryview, int]] | None:
         """``(iova, size, writable, whole-mapping view, index of iova in it)`` for

@@ -81,20 +81,35 @@ class TapRx:
         job.handle = self._accepts_handle
         job.mem = self.map.cdata
 
+    def set_ring(self, base: int, n: int, buflen: int, unicast: bytes | None) -> None:
+        """What the compiled doorbell fills (``vf.c`` sets head, tail and budget)."""
+        job = self._job
+        job.ring_base = base
+        job.ring_n = n
+        job.buflen = buflen
+        self._set_unicast(unicast)
+
+    def _set_unicast(self, unicast: bytes | None) -> None:
+        if unicast is not None:
+            self._job.has_unicast = 1
+            self._ffi.memmove(self._job.unicast, unicast, 6)
+        else:
+            self._job.has_unicast = 0
+
+    @property
+    def cdata(self) -> Any:
+        return self._job
+
     def poll(self, memory: GuestMemory, base: int, n: int, head: int, tail: int,
              buflen: int, budget: int, unicast: bytes | None) -> RxResult | None:
         """Run the loop; None when this memory cannot be handed to C (Python's turn)."""
         if not self.map.load(memory):
             return None
-        ffi, job = self._ffi, self._job
+        job = self._job
         set_ring(job, base, n, head, tail)
         job.buflen = buflen
         job.budget = budget
-        if unicast is not None:
-            job.has_unicast = 1
-            ffi.memmove(job.unicast, unicast, 6)
-        else:
-            job.has_unicast = 0
+        self._set_unicast(unicast)
         self._lib.vl_rx_poll(job)
         return RxResult(
             int(job.written), int(job.head_out), int(job.stop), int(job.left),

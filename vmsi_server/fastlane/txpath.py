@@ -47,6 +47,29 @@ class TapTx:
         self.packets = 0
         """Packets this walk has sent (telemetry, and tests that it was used)."""
 
+    def context(self) -> bytes | None:
+        """The context descriptor in force for the compiled walk, if any."""
+        job = self._job
+        return self._ffi.buffer(job.ctx_raw, 16)[:] if job.have_ctx else None
+
+    def set_context(self, raw: bytes | None) -> None:
+        """Python's walk stored a context (or a reset cleared it): C must use it too."""
+        job = self._job
+        if raw is None:
+            job.have_ctx = 0
+        else:
+            self._ffi.memmove(job.ctx_raw, raw, 16)
+            job.have_ctx = 1
+
+    def set_ring(self, base: int, n: int) -> None:
+        """The ring the compiled doorbell walks (``vf.c`` sets head and tail)."""
+        self._job.ring_base = base
+        self._job.ring_n = n
+
+    @property
+    def cdata(self) -> Any:
+        return self._job
+
     def walk(self, memory: GuestMemory, base: int, n: int, head: int, tail: int,
              context: bytes | None) -> TxResult | None:
         """Send what C takes of ``[head, tail)``; None when this memory cannot be

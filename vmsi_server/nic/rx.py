@@ -35,6 +35,7 @@ drops them as hardware would, so the fd never spins: ``rx_disabled``,
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Callable
 
 import structlog
@@ -92,8 +93,8 @@ class RxQueue:
         self.bal = 0
         self.bah = 0
         self.len = 0
-        self.head = 0
-        self.tail = 0
+        self.ring = array("I", [0, 0])
+        """RDH and RDT, in a buffer the compiled doorbell (``fastlane/vf.c``) shares."""
         self.srrctl = 0
         self.rxdctl = 0
         self.max_frame = DEFAULT_MAX_FRAME
@@ -102,6 +103,40 @@ class RxQueue:
         ``accepts`` call. None: every frame asks ``accepts``."""
         self._vhdr = bytearray(VNET_HDR_LEN)
         self._scratch = memoryview(bytearray(MAX_RX_BUFFER))
+
+    @property
+    def head(self) -> int:
+        return self.ring[0]
+
+    @head.setter
+    def head(self, value: int) -> None:
+        self.ring[0] = value
+
+    @property
+    def tail(self) -> int:
+        return self.ring[1]
+
+    @tail.setter
+    def tail(self, value: int) -> None:
+        self.ring[1] = value
+
+    def buffer_length(self) -> int:
+        """Bytes a frame may use of each buffer: BSIZEPKT capped by SET_LPE's limit."""
+        return min((self.srrctl & SRRCTL_BSIZEPKT_MASK) * 1024 or 2048,
+                   max(self.max_frame, 0), MAX_RX_BUFFER)
+
+    def fast_ring(self) -> tuple[int, int, int] | None:
+        """(base, descriptors, buffer length) when compiled code may fill the ring on
+        its own: enabled, valid, of the one descriptor type implemented."""
+        if (self.fast is None or not self.rxdctl & RXDCTL_ENABLE
+                or self.srrctl & SRRCTL_DESCTYPE_MASK != SRRCTL_DESCTYPE_ADV_ONEBUF):
+            return None
+        base, n = ring_slots(self.bal, self.bah, self.len)
+        return (base, n, self.buffer_length()) if n else None
+
+    def drain(self, budget: int, reason: str) -> int:
+        """Drop up to ``budget`` frames because the ring cannot take them."""
+        return self._drain(budget, reason)
 
     def reset(self) -> None:
         self.bal = self.bah = self.len = 0
@@ -179,8 +214,7 @@ class RxQueue:
         mem = self._memory()
         if mem is None:
             return self._drain(budget, "rx_no_memory")
-        buflen = min((self.srrctl & SRRCTL_BSIZEPKT_MASK) * 1024 or 2048,
-                     max(self.max_frame, 0), MAX_RX_BUFFER)
+        buflen = self.buffer_length()
         fast = self.fast
         if fast is not None and isinstance(mem, GuestMemory):
             result = fast.poll(mem, base, n, head, tail, buflen, budget, self.unicast)

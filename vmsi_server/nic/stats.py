@@ -30,6 +30,7 @@ from vmsi_server.nic.registers import (
     VFGPTLBC,
     VFMPRC,
 )
+from vmsi_server.telemetry.collectors import Collectors
 
 COUNTER_BY_OFFSET: Final[dict[int, str]] = {
     VFGPRC: "gprc",
@@ -46,14 +47,18 @@ COUNTER_BY_OFFSET: Final[dict[int, str]] = {
 
 
 class _InterruptCounts(Protocol):
-    sent: list[int]
-    deferred: list[int]
+    @property
+    def sent(self) -> list[int]: ...
+    @property
+    def deferred(self) -> list[int]: ...
 
 
-class VfStats:
-    """Counters the queues update and the register file reads."""
+class VfStats(Collectors):
+    """Counters the queues update and the register file reads (and, folded in by a
+    collector before every read-out, what compiled code counted)."""
 
     __slots__ = (
+        "_collectors",
         "drops",
         "gorc",
         "gorlbc",
@@ -75,6 +80,7 @@ class VfStats:
     )
 
     def __init__(self) -> None:
+        self._collectors = []
         self.gprc = 0
         self.gptc = 0
         self.gorc = 0
@@ -160,11 +166,13 @@ class VfStats:
 
     def read_register(self, name: str) -> int:
         """The 32-bit register view of a counter: wraps, never clears."""
+        self.collect()
         value: int = getattr(self, name)
         return value & U32
 
     def snapshot(self) -> dict[str, int]:
         """Full-width totals for telemetry."""
+        self.collect()
         out = {name: int(getattr(self, name)) for name in COUNTER_BY_OFFSET.values()}
         out["tx_tso_frames"] = self.tx_tso_frames
         out["tx_tso_segments"] = self.tx_tso_segments

@@ -46,6 +46,7 @@ Decisions, with the drop reason counted through ``stats.drop``:
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
@@ -183,8 +184,8 @@ class TxQueue:
         self.bal = 0
         self.bah = 0
         self.len = 0
-        self.head = 0
-        self.tail = 0
+        self.ring = array("I", [0, 0])
+        """TDH and TDT, in a buffer the compiled doorbell (``fastlane/vf.c``) shares."""
         self.txdctl = 0
         self.dca_txctrl = 0
         self._ctx: TxContext | None = None
@@ -196,14 +197,42 @@ class TxQueue:
         """The last ``doorbell()`` stopped at ``budget`` with descriptors left: call
         it again (from the event loop, not recursively) to continue."""
 
+    @property
+    def head(self) -> int:
+        return self.ring[0]
+
+    @head.setter
+    def head(self, value: int) -> None:
+        self.ring[0] = value
+
+    @property
+    def tail(self) -> int:
+        return self.ring[1]
+
+    @tail.setter
+    def tail(self, value: int) -> None:
+        self.ring[1] = value
+
     def reset(self) -> None:
         self.bal = self.bah = self.len = 0
         self.head = self.tail = 0
         self.txdctl = self.dca_txctrl = 0
         self._ctx = None
         self._ctx_raw = b""
+        if self.fast is not None:
+            self.fast.set_context(None)
         self._discard = False
         self.more = False
+
+    def fast_ring(self) -> tuple[int, int] | None:
+        """(base, descriptors) when compiled code may serve TDT writes on its own: the
+        queue is enabled with a valid ring and in no state only the Python walk
+        handles (discarding up to an EOP, a bounded walk to continue)."""
+        if (self.fast is None or not self.txdctl & TXDCTL_ENABLE or self._discard
+                or self.more):
+            return None
+        base, n = ring_slots(self.bal, self.bah, self.len)
+        return (base, n) if n else None
 
     # -- the doorbell ------------------------------------------------------------------
 
@@ -244,6 +273,10 @@ class TxQueue:
             stats.drop("tx_no_memory")
             return 0
         fast = self.fast
+        if fast is not None:
+            shared = fast.context()  # the compiled doorbell may have stored a newer one
+            if shared is not None and shared != self._ctx_raw:
+                self._store_context(shared, 0)
         if (fast is not None and not self._discard and not self.more
                 and isinstance(mem, GuestMemory)):
             done = fast.walk(mem, base, n, head, tail,
@@ -349,6 +382,8 @@ class TxQueue:
         if key == self._ctx_raw:
             return  # igbvf repeats the same context before every TSO/checksum packet
         self._ctx_raw = key
+        if self.fast is not None:
+            self.fast.set_context(key)
         vml, _, tucmd, mli = struct.unpack_from("<IIII", raw, off)
         self._ctx = TxContext(
             maclen=(vml >> CTX_MACLEN_SHIFT) & CTX_MACLEN_MASK,
