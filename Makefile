@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test,report]'
 	touch $(STAMP)
 
-$(FASTLANE_STAMP): $(STAMP) $(FASTLANE)/lane.c $(FASTLANE)/rxcsum.c $(FASTLANE)/rx.c $(FASTLANE)/tx.c $(FASTLANE)/lane.h $(FASTLANE)/build.py
+$(FASTLANE_STAMP): $(STAMP) $(FASTLANE)/lane.c $(FASTLANE)/rxcsum.c $(FASTLANE)/rx.c $(FASTLANE)/tx.c $(FASTLANE)/vf.c $(FASTLANE)/lane.h $(FASTLANE)/build.py
 	$(PYTHON) -m vmsi_server.fastlane.build
 	touch $(FASTLANE_STAMP)
 

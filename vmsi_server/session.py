@@ -172,7 +172,8 @@ class Session:
             self._lane = SessionLane(fd, self, self.counters, self._read_windows(),
                                      self.function.access_counters,
                                      self._in_regions(self.function.mask_windows()),
-                                     self._in_regions(self.function.register_rules()))
+                                     self._in_regions(self.function.register_rules()),
+                                     hot_path=self.function.hot_path)
             lanes.add(self._lane)
         log.info("session.connected", device=self.name, fast_lane=self._lane is not None)
 
@@ -238,6 +239,7 @@ class Session:
             "served_reads": lane.served_reads,
             "applied_writes": lane.applied_writes,
             "posted_to_python": lane.posted_writes,
+            "device_writes": lane.device_writes,
         }
 
     # -- input --------------------------------------------------------

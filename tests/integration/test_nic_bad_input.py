@@ -109,9 +109,9 @@ def _ip(*argv: str) -> None:
 
 
 @contextmanager
-def ns_server_running(tmp_path: Path, vfs: int = 1,
-                      macs: tuple[bytes, ...] = (VF_MAC,)) -> Iterator[NsServer]:
-    """``vmsi-server --vfs N --tap tap{vf}`` in a fresh netns; the taps are up there."""
+def ns_server_running(tmp_path: Path, vfs: int = 1, macs: tuple[bytes, ...] = (VF_MAC,),
+                      extra: tuple[str, ...] = ()) -> Iterator[NsServer]:
+    """``vmsi-server --vfs N --tap tap{vf} EXTRA...`` in a fresh netns; the taps are up."""
     netns = f"vmsi-nicbad-{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
     _ip("netns", "add", netns)
     proc: subprocess.Popen[bytes] | None = None
@@ -128,6 +128,7 @@ def ns_server_running(tmp_path: Path, vfs: int = 1,
                 "--control-socket", ctl, "--tap", "tap{vf}", "--no-slowpath"]
         for mac in macs:
             argv += ["--mac", mac.hex(":")]
+        argv += extra
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 15

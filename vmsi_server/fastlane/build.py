@@ -1,6 +1,6 @@
 """Build the compiled fast lane: ``python -m vmsi_server.fastlane.build``.
 
-cffi's API mode compiles ``lane.c``, ``rxcsum.c``, ``rx.c`` and ``tx.c`` with the
+cffi's API mode compiles ``lane.c``, ``rxcsum.c``, ``rx.c``, ``tx.c`` and ``vf.c`` with the
 generated wrapper into ``vmsi_server/fastlane/_lane.*.so`` next to this file
 (``make setup`` runs it; the .so is not committed). The cdef is the part of
 ``lane.h`` between its CDEF markers, with the integer ``#define`` names
@@ -21,7 +21,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "lane.h"
-SOURCES = (HERE / "lane.c", HERE / "rxcsum.c", HERE / "rx.c", HERE / "tx.c")
+SOURCES = (HERE / "lane.c", HERE / "rxcsum.c", HERE / "rx.c", HERE / "tx.c", HERE / "vf.c")
 MODULE = "vmsi_server.fastlane._lane"
 
 _DEFINE = re.compile(r"^#define\s+(\w+)\s+(\d+)\s*$", re.MULTILINE)

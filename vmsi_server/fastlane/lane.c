@@ -33,10 +33,16 @@
 
 enum serve_result { LANE_DONE, LANE_PYTHON };
 
+#define MAX_VF_FDS 64
+
 struct vl_poller {
     int epfd;
     struct vl_lane **by_fd;
     int size;
+    /* taps whose readiness vf.c handles: few, so a short list */
+    int nvfs;
+    int vf_fds[MAX_VF_FDS];
+    struct vl_vf *vfs[MAX_VF_FDS];
 };
 
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
@@ -332,6 +338,25 @@ static enum serve_result lane_serve(struct vl_lane *lane, int *python_ran)
         } else if (command == CMD_REGION_WRITE && flags == FLAG_NO_REPLY
                    && size == ACCESS_SIZE + (uint64_t)count && end - pos >= size) {
             pos += size;
+            struct vl_vf *vf = lane->vf;
+            if (vf && region == vf->bar && count == 4 && !(offset & 3)
+                && vl_vf_write(vf, offset, get32(m + ACCESS_SIZE))) {
+                lane->vf_writes++;
+                record_message(lane->write_buckets, &lane->write_ns_total, &lane->writes,
+                               now_ns() - t0);
+                if (vf->called_python) {
+                    vf->called_python = 0;
+                    *python_ran = 1;
+                    if (!lane->attached)
+                        return LANE_DONE;
+                }
+                continue;
+            }
+            if (vf && vf->called_python) {
+                /* vf.c ran Python before handing the write over */
+                vf->called_python = 0;
+                *python_ran = 1;
+            }
             if (try_mask_write(lane, region, offset, m + ACCESS_SIZE, count, t0)
                 || try_rule(lane, region, offset, m + ACCESS_SIZE, count, t0))
                 continue;
@@ -389,6 +414,37 @@ int vl_poller_add(struct vl_poller *poller, struct vl_lane *lane)
     return 0;
 }
 
+int vl_poller_add_vf(struct vl_poller *poller, int fd, struct vl_vf *vf)
+{
+    vl_poller_remove_vf(poller, fd);
+    if (poller->nvfs >= MAX_VF_FDS)
+        return -ENOSPC;
+    poller->vf_fds[poller->nvfs] = fd;
+    poller->vfs[poller->nvfs] = vf;
+    poller->nvfs++;
+    return 0;
+}
+
+void vl_poller_remove_vf(struct vl_poller *poller, int fd)
+{
+    for (int i = 0; i < poller->nvfs; i++) {
+        if (poller->vf_fds[i] != fd)
+            continue;
+        poller->nvfs--;
+        poller->vf_fds[i] = poller->vf_fds[poller->nvfs];
+        poller->vfs[i] = poller->vfs[poller->nvfs];
+        return;
+    }
+}
+
+static struct vl_vf *vf_of(const struct vl_poller *poller, int fd)
+{
+    for (int i = 0; i < poller->nvfs; i++)
+        if (poller->vf_fds[i] == fd)
+            return poller->vfs[i];
+    return NULL;
+}
+
 void vl_poller_remove(struct vl_poller *poller, int fd)
 {
     if (fd < 0 || fd >= poller->size || !poller->by_fd[fd])
@@ -421,6 +477,14 @@ int vl_poller_wait(struct vl_poller *poller, int timeout_ms, int *out_fds, uint3
             if (lane && lane->enabled && !has_pending(lane)
                 && lane_serve(lane, &python_ran) == LANE_DONE)
                 continue;
+            struct vl_vf *vf = lane ? NULL : vf_of(poller, fd);
+            if (vf && vl_vf_rx_event(vf)) {
+                if (vf->called_python) {
+                    vf->called_python = 0;
+                    python_ran = 1;
+                }
+                continue;
+            }
             out_fds[out] = fd;
             out_events[out] = events[i].events;
             out++;

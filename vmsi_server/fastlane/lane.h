@@ -114,6 +114,8 @@ struct vl_lane {
     struct vl_mask_window masks[VL_MAX_MASK_WINDOWS];
     int nrules;
     struct vl_rule rules[VL_MAX_RULES];
+    struct vl_vf *vf;        /* the device's hot path, or NULL */
+    uint64_t vf_writes;      /* posted writes vf.c served */
 };
 
 struct vl_lane *vl_lane_new(int fd, size_t read_size);
@@ -227,6 +229,82 @@ struct vl_tx_job {
     int32_t send_errno;
 };
 int vl_tx_walk(struct vl_tx_job *job);
+
+/* vf.c: one VF's hot path: TDT/RDT doorbells, EIMS/EICS, a readable tap, and
+ * the interrupt unit's sending down to the MSI-X eventfd, on the buffers the
+ * Python objects keep their state in (see fastlane/vfpath.py). */
+#define VL_VECTORS 3
+#define VL_IRQ_EICR 0
+#define VL_IRQ_EIMS 1
+#define VL_IRQ_EIAC 2
+#define VL_IRQ_EIAM 3
+#define VL_IRQ_TX_BITS 4
+#define VL_IRQ_RX_BITS 5
+#define VL_IRQ_MISC_BITS 6
+#define VL_IRQ_INTERVAL 7
+#define VL_IRQ_LAST_SENT 10
+#define VL_IRQ_ARMED 13
+#define VL_IRQ_SENT 16
+#define VL_IRQ_DEFERRED 19
+#define VL_IRQ_SIZE 22
+#define VL_GATE_DELIVERED 0
+#define VL_GATE_FD 1
+#define VL_RING_HEAD 0
+#define VL_RING_TAIL 1
+
+/* What vf.c asks Python to do (vl_vf_event's `what`). */
+enum vl_vf_event {
+    VL_EV_TRY_SEND = 0,   /* InterruptUnit.try_send(arg): EITR says wait (a timer) */
+    VL_EV_TRIGGER = 1,    /* MsixController.trigger(arg): not deliverable here */
+    VL_EV_RX_FULL = 2,    /* the RX ring has no free descriptor: stop watching the tap */
+    VL_EV_RX_DRAIN = 3,   /* drop arg frames: the ring is outside guest memory */
+    VL_EV_RX_ERRNO = 4,   /* a tap read failed with errno arg */
+    VL_EV_TX_ERRNO = 5    /* a tap write failed with errno arg */
+};
+
+struct vl_vf {
+    void *handle;                /* the Python VfPath */
+    uint32_t bar;                /* the register BAR's region index */
+    uint32_t native_clock;       /* the interrupt unit counts in CLOCK_MONOTONIC */
+    uint64_t tdt, rdt, eims, eics;   /* register offsets */
+    int64_t *irq;                /* InterruptUnit.state (VL_IRQ_*) */
+    int64_t *gate;               /* MsixController.gate (VL_GATE_*) */
+    const uint32_t *forwarded;   /* MsixController's "the client writes the table" */
+    const uint32_t *dwords;      /* the MSI-X shadow table */
+    /* TX queue 0; tx_ready: Python says C may walk it (ring set in tx) */
+    uint32_t tx_ready;
+    uint32_t tx_budget;
+    uint32_t *tx_ring;           /* TxQueue.ring: head, tail */
+    struct vl_tx_job *tx;
+    /* RX queue 0; rx_ready: ring set in rx, the tap watched */
+    uint32_t rx_ready;
+    uint32_t rx_batch;
+    uint32_t *rx_ring;           /* RxQueue.ring: head, tail */
+    struct vl_rx_job *rx;
+    uint32_t called_python;      /* an event ran Python code since the lane last looked */
+    /* counts, folded into VfStats by Python */
+    uint64_t doorbells;          /* TDT/RDT/EIMS/EICS writes served here */
+    uint64_t tx_frames;
+    uint64_t tx_octets;
+    uint64_t tx_tso_frames;
+    uint64_t tx_tso_segments;
+    uint64_t tx_csum_frames;
+    uint64_t tx_eagain;
+    uint64_t tx_enobufs;
+    uint64_t rx_frames;
+    uint64_t rx_octets;
+    uint64_t rx_multicast;
+    uint64_t rx_csum_good;
+    uint64_t rx_csum_errors;
+    uint64_t rx_drops[VL_RX_DROPS];
+    uint64_t rx_short;
+    uint64_t rx_wakeups;
+};
+int vl_vf_write(struct vl_vf *vf, uint64_t offset, uint32_t value);
+int vl_vf_rx_event(struct vl_vf *vf);
+VL_CALLBACK int vl_vf_event(void *handle, int what, int arg);
+int vl_poller_add_vf(struct vl_poller *poller, int fd, struct vl_vf *vf);
+void vl_poller_remove_vf(struct vl_poller *poller, int fd);
 
 VL_CALLBACK int vl_posted_write(void *handle, uint32_t msg_id, uint32_t region,
                                       uint64_t offset, const uint8_t *data, uint32_t count);

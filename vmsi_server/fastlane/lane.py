@@ -77,7 +77,9 @@ class SessionLane:
                  windows: Sequence[ReadWindow] = (),
                  access_counters: Counters | None = None,
                  mask_windows: Sequence[MaskWindow] = (),
-                 rules: Sequence[RegisterRule] = ()) -> None:
+                 rules: Sequence[RegisterRule] = (), hot_path: Any = None) -> None:
+        """``hot_path``: the device's ``struct vl_vf`` (``fastlane.vfpath``), whose
+        register writes C serves before any rule or callback; it must outlive the lane."""
         ffi, lib = _ffi_lib()
         self._ffi, self._lib = ffi, lib
         raw = lib.vl_lane_new(fd, READ_SIZE)
@@ -103,6 +105,9 @@ class SessionLane:
             self._add_mask_window(mask)
         for rule in rules:
             self._add_rule(rule)
+        self._hot_path = hot_path
+        if hot_path is not None:
+            self._c.vf = hot_path
         self._access_counters = access_counters
         counters.add_collector(self.collect)
         if access_counters is not None:
@@ -283,6 +288,11 @@ class SessionLane:
         return int(self._c.writes)
 
     @property
+    def device_writes(self) -> int:
+        """Posted writes the device's hot path served in C (doorbells, EIMS, EICS)."""
+        return int(self._c.vf_writes)
+
+    @property
     def posted_writes(self) -> int:
         return int(self._c.posted_writes)
 
@@ -309,6 +319,8 @@ class LanePoller:
             raise MemoryError("fast lane: cannot allocate the poller")
         self._c = ffi.gc(raw, lib.vl_poller_free)
         self._lanes: dict[int, SessionLane] = {}
+        self._vfs: dict[int, Any] = {}
+        """Taps served by ``vf.c`` (their structs stay referenced while registered)."""
         self._released: list[SessionLane] = []
         """Lanes removed while C may still be inside them (a callback closed its
         session): dropped at the start of the next wait, when C is not running."""
@@ -327,6 +339,18 @@ class LanePoller:
         if lane is not None:
             self._lib.vl_poller_remove(self._c, fd)
             self._released.append(lane)
+
+    def add_vf(self, fd: int, vf: Any) -> None:
+        """Readiness of ``fd`` (a VF's tap, already registered with the epoll) goes
+        to ``vf.c`` first (``struct vl_vf``; see ``fastlane.vfpath``)."""
+        rc = self._lib.vl_poller_add_vf(self._c, fd, vf)
+        if rc < 0:
+            raise OSError(-rc, "fast lane: cannot register the VF's tap")
+        self._vfs[fd] = vf
+
+    def remove_vf(self, fd: int) -> None:
+        if self._vfs.pop(fd, None) is not None:
+            self._lib.vl_poller_remove_vf(self._c, fd)
 
     def __len__(self) -> int:
         return len(self._lanes)

@@ -94,6 +94,7 @@ class VfCore:
         clock: Callable[[], float] = time.monotonic,
         mailbox_interrupts: bool = True,
         port_changed: Callable[[VfPort], None] | None = None,
+        tx_resumed: Callable[[], None] | None = None,
     ) -> None:
         """Wire one VF to its PF, its MSI-X sender, the loop's timers and its queues.
 
@@ -103,7 +104,9 @@ class VfCore:
         raises the "other" cause after each PF answer, like the hardware;
         igbvf only re-checks the link on it. ``port_changed(port)`` runs after
         each mailbox answer and each reset, so a queue keeping its own copy of
-        the SET_LPE limit (``port.max_frame``) can follow it.
+        the SET_LPE limit (``port.max_frame``) can follow it. ``tx_resumed()``
+        runs after each continuation of a bounded TX walk (the queue's state
+        changed outside a register write).
         """
         self.pf = pf
         self.vf_index = vf_index
@@ -117,6 +120,7 @@ class VfCore:
         self.stats.interrupts = self.interrupts
         self._mailbox_interrupts = mailbox_interrupts
         self._port_changed = port_changed
+        self._tx_resumed = tx_resumed
         self.mailbox = Mailbox(partial(pf.handle_message, vf_index), self._mailbox_event)
         self.registers = RegisterFile(REGISTERS)
         self._readers = self.registers.readers
@@ -231,6 +235,8 @@ class VfCore:
         self.tx_completed(tx.doorbell())
         if getattr(tx, "more", False):
             self._tx_resume = self._loop.call_later(0.0, self._tx_continue)
+        if self._tx_resumed is not None:
+            self._tx_resumed()
 
     def _write_rdt(self, value: int) -> None:
         rx = self.rx

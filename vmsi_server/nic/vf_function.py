@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
@@ -21,6 +22,7 @@ from vmsi_server.dma.memory import GuestMemory
 from vmsi_server.fastlane.guestmap import GuestMap
 from vmsi_server.fastlane.rxpath import TapRx
 from vmsi_server.fastlane.txpath import TapTx
+from vmsi_server.fastlane.vfpath import VfPath
 from vmsi_server.msix.controller import MsixController
 from vmsi_server.msix.layout import MsixGeometry
 from vmsi_server.msix.policy import PathPolicy
@@ -154,10 +156,21 @@ class Igb82576Vf(PciFunction):
                           checksum=fastlane.rx_checksum() if use_c else None, fast=tap_rx)
         self.core = VfCore(
             pf, vf_index, self.msix.trigger, loop, self.tx, self.rx, stats=self.stats,
-            port_changed=self._port_changed,
+            port_changed=self._port_changed, tx_resumed=self._publish,
         )
         self._bus_master = False
         self._rx_watched = False
+        self.path: VfPath | None = None
+        """The compiled hot path (``fastlane/vf.c``): doorbells, EIMS/EICS and tap
+        wake-ups served in C on this VF's own state. None without the module."""
+        if use_c and fastlane.available():
+            self.path = VfPath(
+                bar=REGISTER_BAR,
+                offsets={"tdt": r.TDT0, "rdt": r.RDT0, "eims": r.EIMS, "eics": r.EICS},
+                interrupts=self.core.interrupts, msix=self.msix, tx=self.tx, rx=self.rx,
+                stats=self.stats, errors=getattr(self.backend, "errors", None),
+                on_rx_full=self._rx_ring_full, rx_batch=RX_BATCH)
+            self.path.follow(self._publish)
 
     # -- description --------------------------------------------------
     @property
@@ -173,11 +186,13 @@ class Igb82576Vf(PciFunction):
         super().attach(host)
         self.msix.attach(host.irqs)
         self._watch_rx(True)
+        self._publish()
 
     def detach(self) -> None:
         self._watch_rx(False)
         self.msix.detach()
         super().detach()
+        self._publish()
 
     def reset(self) -> None:
         """Power-on state for DEVICE_RESET and FLR; in-flight work is dropped."""
@@ -186,9 +201,12 @@ class Igb82576Vf(PciFunction):
         self.config.reset()
         self._bus_master = False
         self.counters.incr("vf.reset")
+        self._publish()
 
     def close(self) -> None:
         self._watch_rx(False)
+        if self.path is not None:
+            self.path.stop()
         self.core.close()
         self.msix.close()
         self.backend.close()
@@ -205,16 +223,38 @@ class Igb82576Vf(PciFunction):
         self.rx.max_frame = port.max_frame
         self.rx.unicast = port.mac if port.cts else None
 
+    @property
+    def hot_path(self) -> Any:
+        """The ``struct vl_vf`` a session's lane hands register writes to, or None."""
+        return self.path.cdata if self.path is not None else None
+
+    def _publish(self) -> None:
+        """Tell the compiled hot path what it may serve now (see ``VfPath.publish``):
+        after every change Python makes to rings, enables, DMA or the tap watch."""
+        if self.path is not None:
+            self.path.publish(self._dma_memory(), self._rx_watched)
+
     # -- RX readiness -------------------------------------------------
     def _watch_rx(self, on: bool) -> None:
         fd = self.backend.fileno()
         if fd is None or on == self._rx_watched:
             return
+        lanes = self.loop.lanes
         if on:
             self.loop.add_reader(fd, self._on_rx_ready)
+            if lanes is not None and self.path is not None:
+                lanes.add_vf(fd, self.path.cdata)
         else:
+            if lanes is not None:
+                lanes.remove_vf(fd)
             self.loop.remove_reader(fd)
         self._rx_watched = on
+        self._publish()
+
+    def _rx_ring_full(self) -> None:
+        """The compiled RX filled the ring: stop watching until the next RDT write."""
+        self.stats.rx_ring_full += 1
+        self._watch_rx(False)
 
     def _on_rx_ready(self) -> None:
         self.stats.rx_wakeups += 1
@@ -230,8 +270,7 @@ class Igb82576Vf(PciFunction):
                 self.core.rx_delivered(delivered)
         if not rx.has_room():
             # Stop watching until the driver gives buffers back (RDT write).
-            self.stats.rx_ring_full += 1
-            self._watch_rx(False)
+            self._rx_ring_full()
 
     # -- accesses -----------------------------------------------------
     def read_windows(self) -> Sequence[ReadWindow]:
@@ -266,12 +305,14 @@ class Igb82576Vf(PciFunction):
             self.core.write(offset, count, int.from_bytes(data, "little"))
             if offset == r.RDT0 and not self._rx_watched and self._host is not None:
                 self._watch_rx(self.rx.has_room())
+            self._publish()
             return
         if region == MSIX_BAR:
             self._msix_bar_write(offset, data)
             return
         if region == RegionIndex.CONFIG:
             self._config_write(offset, bytes(data))
+            self._publish()
             return
         raise AccessError(errno.EINVAL, f"region {region} is not writable")
 

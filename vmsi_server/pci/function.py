@@ -18,7 +18,7 @@ import abc
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vmsi_server.pci.irq_lines import IrqLines
 from vmsi_server.protocol.constants import (
@@ -162,6 +162,12 @@ class PciFunction(abc.ABC):
     @property
     def access_counters(self) -> Counters | None:
         """The telemetry counters holding the windows' stats, if they have any."""
+        return None
+
+    @property
+    def hot_path(self) -> Any:
+        """A compiled device path the lane hands register writes to first (the VF's
+        ``struct vl_vf``), or None."""
         return None
 
     # -- lifecycle ----------------------------------------------------
