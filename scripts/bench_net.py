@@ -13,6 +13,11 @@ per run, the mean per NIC and direction, and the VF/e1000e ratio per direction.
 py-spy``) during each VF iperf3 run, one collapsed-stack file per round and
 direction (``vf-r<round>-fwd.txt``), and prints the hottest frames.
 Under TCG the guest's CPU, not the NIC, sets the numbers (guest-lab.md §5).
+
+``--pin split`` (the default) runs iperf3 on vCPU 0 and every eth0 vector on
+vCPU 1 in both guests; ``--pin same`` puts both on vCPU 0, ``--pin none``
+leaves placement to the guest (it then varies per boot, and with it the
+throughput, by up to 2x). Each run prints where the NIC's interrupts landed.
 Needs root and the built lab (``python -m vmsilab build``).
 """
 
@@ -67,17 +72,51 @@ class Run:
     per_direction: dict[str, dict[str, float]] = field(default_factory=dict)
     """VF only: per-second rates of the server's counters during each iperf3 run
     (server_cpu_pct, REGION_WRITE, irq.sent.N, gptc, gprc, tx_tso_frames, ...)."""
+    nic_irqs: list[str] = field(default_factory=list)
+    """The guest's /proc/interrupts lines of eth0 after the runs (where they landed)."""
     error: str | None = None
 
 
-def guest_script(peer: str, seconds: int, offloads: bool) -> str:
+@dataclass(frozen=True)
+class Plan:
+    """What every guest of the run does: seconds per direction, offloads, placement."""
+
+    seconds: int
+    offloads: bool
+    pin: str
+
+
+PIN_CHOICES = ("split", "same", "none")
+"""Where iperf3 and the NIC's interrupts run in the 2-vCPU guest (the same for both NICs):
+``split`` iperf3 on vCPU 0, every eth0 vector on vCPU 1 (the default); ``same`` both on
+vCPU 0; ``none`` wherever the guest's scheduler and vector allocator put them."""
+
+
+def pin_script(pin: str) -> tuple[str, str]:
+    """(guest commands that place the NIC's vectors, iperf3's -A option) for ``pin``.
+
+    Why pin: with two vCPUs, whether the iperf3 thread shares a vCPU with the NIC's
+    interrupt handlers is decided per boot by the guest and halves or doubles
+    guest -> peer throughput; unpinned, that coin toss swamps a NIC-to-NIC ratio."""
+    if pin == "none":
+        return "", ""
+    mask = 2 if pin == "split" else 1
+    return (f"for q in $(grep eth0 /proc/interrupts | cut -d: -f1); do "
+            f"echo {mask} > /proc/irq/$q/smp_affinity; done\n"), " -A 0"
+
+
+def guest_script(peer: str, seconds: int, offloads: bool, pin: str = "split") -> str:
     script = link_wait_script("eth0", GUEST_ADDR)
     if not offloads:
         script += "ethtool -K eth0 tso off tx off sg off rx off\n"
+    place, affinity = pin_script(pin)
+    script += place
     script += "ping -c 1 -W 2 " + peer + " >/dev/null; sleep 0.5\n"
     for tag, reverse in DIRECTIONS:
         script += f"echo BENCH_BEGIN_{tag}\n"
-        script += iperf_run_script(peer, seconds, reverse=reverse, tag=tag.upper())
+        script += iperf_run_script(peer, seconds, reverse=reverse, tag=tag.upper(),
+                                   extra=affinity)
+    script += "grep eth0 /proc/interrupts | sed 's/^/NIC_IRQS /'\n"
     return script
 
 
@@ -114,10 +153,11 @@ class Hooks:
     def end(self, tag: str) -> None: ...
 
 
-def _run_guest(cfg: LabConfig, ns: NetNs, guest: Guest, run: Run, seconds: int,
-               offloads: bool, hooks: Hooks | None = None) -> None:
+def _run_guest(cfg: LabConfig, ns: NetNs, guest: Guest, run: Run, plan: Plan,
+               hooks: Hooks | None = None) -> None:
     hooks = hooks or Hooks()
-    guest.boot(script=guest_script(ns.peer_ip, seconds, offloads))
+    seconds = plan.seconds
+    guest.boot(script=guest_script(ns.peer_ip, seconds, plan.offloads, plan.pin))
     run.boot_s, _ = guest.wait_ready()
     guest.wait_for(CMD_RE, 30)
     start = guest.cursor
@@ -131,6 +171,8 @@ def _run_guest(cfg: LabConfig, ns: NetNs, guest: Guest, run: Run, seconds: int,
     guest.wait_for(POWEROFF_RE, 30)
     if marker_value(out, "LINK_CARRIER") != "1":
         run.error = "no carrier"
+    run.nic_irqs = [" ".join(line.split()[1:]) for line in out.splitlines()
+                    if line.startswith("NIC_IRQS ")]
     for tag, _ in DIRECTIONS:
         try:
             s = summarize(iperf_json(out, tag.upper()))
@@ -148,6 +190,9 @@ def _flat(snap: dict[str, Any]) -> dict[str, float]:
     for cmd in ("REGION_WRITE", "REGION_READ"):
         out[cmd] = float(dev["messages"].get(cmd, {}).get("count", 0))
     out.update({k: float(v) for k, v in dev["nic"].items() if not k.startswith("drop.")})
+    lane = dev.get("fast_lane") or {}
+    for key in ("device_writes", "posted_to_python"):
+        out[f"lane.{key}"] = float(lane.get(key, 0))
     return out
 
 
@@ -177,15 +222,15 @@ class VfHooks(Hooks):
             self.proc.wait(self.seconds + 30)
 
 
-def run_vf(cfg: LabConfig, rnd: int, seconds: int, offloads: bool, prof: Profiler) -> Run:
+def run_vf(cfg: LabConfig, rnd: int, plan: Plan, prof: Profiler) -> Run:
     run = Run("vf", rnd, 0.0)
     with NetNs(cfg, tap=None) as ns, VfServer(cfg, ns, log_name=f"server-{rnd}.log") as server:
         ns.start_iperf3()
         cpu0 = server.counters()["cpu"]["io_process_seconds"]
         with Guest(cfg, netns=ns, name="bench-vf", nic=NO_NIC,
                    devices=[server.device_arg(0)]) as guest:
-            _run_guest(cfg, ns, guest, run, seconds, offloads,
-                       VfHooks(server, prof, rnd, seconds, run))
+            _run_guest(cfg, ns, guest, run, plan,
+                       VfHooks(server, prof, rnd, plan.seconds, run))
         snap = server.counters()
         run.server_cpu_s = snap["cpu"]["io_process_seconds"] - cpu0
         run.server_nic = snap["devices"]["vf0"]["nic"]
@@ -194,13 +239,13 @@ def run_vf(cfg: LabConfig, rnd: int, seconds: int, offloads: bool, prof: Profile
     return run
 
 
-def run_e1000e(cfg: LabConfig, rnd: int, seconds: int, offloads: bool) -> Run:
+def run_e1000e(cfg: LabConfig, rnd: int, plan: Plan) -> Run:
     run = Run("e1000e", rnd, 0.0)
     with (
         NetNs(cfg, tap="tap0", iperf3_server=True) as ns,
         Guest(cfg, netns=ns, name="bench-e1000e", nic=tap_nic("tap0", "e1000e")) as guest,
     ):
-        _run_guest(cfg, ns, guest, run, seconds, offloads)
+        _run_guest(cfg, ns, guest, run, plan)
     return run
 
 
@@ -244,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=NICS, help="run one NIC only (no ratio)")
     ap.add_argument("--offloads-off", action="store_true",
                     help="ethtool -K eth0 tso off tx off sg off rx off in the guest")
+    ap.add_argument("--pin", choices=PIN_CHOICES, default="split",
+                    help="guest placement of iperf3 and the NIC's vectors, the same for "
+                         "both NICs (default split: iperf3 on vCPU 0, vectors on vCPU 1)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="py-spy the server during VF iperf3 runs, collapsed stacks here")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -251,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     cfg = LabConfig.from_env()
     offloads = not args.offloads_off
+    plan = Plan(args.seconds, offloads, args.pin)
     try:
         build(cfg)
         prof = Profiler(args.profile)
@@ -260,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.only and nic != args.only:
                     continue
                 t0 = time.monotonic()
-                run = (run_vf(cfg, rnd, args.seconds, offloads, prof) if nic == "vf"
-                       else run_e1000e(cfg, rnd, args.seconds, offloads))
+                run = (run_vf(cfg, rnd, plan, prof) if nic == "vf"
+                       else run_e1000e(cfg, rnd, plan))
                 runs.append(run)
                 if not args.json:
                     dirs = "  ".join(
@@ -269,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                         f" (retr {run.retransmits.get(tag)})" for tag, _ in DIRECTIONS)
                     cpu = "".join(
                         f"  [{tag}: server {d.get('server_cpu_pct', 0):.0f}% CPU,"
-                        f" {d.get('REGION_WRITE', 0):.0f} writes/s,"
+                        f" {d.get('REGION_WRITE', 0):.0f} writes/s"
+                        f" ({d.get('lane.posted_to_python', 0):.0f} in Python),"
                         f" irq tx/rx {d.get('irq.sent.0', 0):.0f}/{d.get('irq.sent.1', 0):.0f}/s]"
                         for tag, d in run.per_direction.items())
                     err = f"  ERROR {run.error}" if run.error else ""
@@ -281,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize_runs(runs)
     doc = {
         "seconds": args.seconds, "rounds": args.rounds, "offloads": offloads,
+        "pin": args.pin,
         "runs": [asdict(r) for r in runs], **summary,
     }
     if args.profile is not None:
