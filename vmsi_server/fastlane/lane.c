@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -453,21 +454,46 @@ void vl_poller_remove(struct vl_poller *poller, int fd)
     poller->by_fd[fd] = NULL;
 }
 
+/* epoll_wait with a timeout in ns (-1: none). epoll_pwait2 (Linux 5.11) keeps
+ * sub-millisecond timers on time: EITR intervals are 100-200 us, and rounding
+ * the wait up to 1 ms would hold a throttled interrupt 5-10 times too long.
+ * Older kernels get the millisecond wait, rounded up as CPython rounds. */
+static int wait_events(int epfd, struct epoll_event *events, int max, int64_t timeout_ns)
+{
+#ifdef SYS_epoll_pwait2
+    static int no_pwait2;
+    if (!no_pwait2) {
+        struct timespec ts, *tp = NULL;
+        if (timeout_ns >= 0) {
+            ts.tv_sec = timeout_ns / 1000000000;
+            ts.tv_nsec = timeout_ns % 1000000000;
+            tp = &ts;
+        }
+        long n = syscall(SYS_epoll_pwait2, epfd, events, max, tp, NULL, 0);
+        if (n >= 0 || errno != ENOSYS)
+            return (int)n;
+        no_pwait2 = 1;
+    }
+#endif
+    int ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
+    return epoll_wait(epfd, events, max, ms);
+}
+
 /* The reactor's wait: epoll_wait on its epoll fd, lanes served in place.
  * Returns how many (fd, events) pairs Python must dispatch (0 on timeout),
  * or -errno (EINTR included, so Python runs its signal handlers). Returns as
  * soon as anything is for Python, or a callback ran Python code (which may
  * have scheduled timers the caller's timeout does not know of). */
-int vl_poller_wait(struct vl_poller *poller, int timeout_ms, int *out_fds, uint32_t *out_events,
-                   int max_out)
+int vl_poller_wait(struct vl_poller *poller, int64_t timeout_ns, int *out_fds,
+                   uint32_t *out_events, int max_out)
 {
     struct epoll_event events[EVENTS_PER_WAIT];
-    uint64_t deadline = timeout_ms >= 0 ? now_ns() + (uint64_t)timeout_ms * 1000000u : 0;
-    int wait_ms = timeout_ms;
+    uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : 0;
+    int64_t wait_ns = timeout_ns;
     if (max_out > EVENTS_PER_WAIT)
         max_out = EVENTS_PER_WAIT;
     for (;;) {
-        int n = epoll_wait(poller->epfd, events, max_out, wait_ms);
+        int n = wait_events(poller->epfd, events, max_out, wait_ns);
         if (n < 0)
             return -errno;
         int out = 0, python_ran = 0;
@@ -491,11 +517,11 @@ int vl_poller_wait(struct vl_poller *poller, int timeout_ms, int *out_fds, uint3
         }
         if (out || python_ran || n == 0)
             return out;
-        if (timeout_ms >= 0) {
+        if (timeout_ns >= 0) {
             uint64_t now = now_ns();
             if (now >= deadline)
                 return 0;
-            wait_ms = (int)((deadline - now + 999999u) / 1000000u);
+            wait_ns = (int64_t)(deadline - now);
         }
     }
 }

@@ -127,8 +127,8 @@ struct vl_poller *vl_poller_new(int epfd);
 void vl_poller_free(struct vl_poller *poller);
 int vl_poller_add(struct vl_poller *poller, struct vl_lane *lane);
 void vl_poller_remove(struct vl_poller *poller, int fd);
-int vl_poller_wait(struct vl_poller *poller, int timeout_ms, int *out_fds, uint32_t *out_events,
-                   int max_out);
+int vl_poller_wait(struct vl_poller *poller, int64_t timeout_ns, int *out_fds,
+                   uint32_t *out_events, int max_out);
 
 /* rxcsum.c: the status/error bits of the receive checksum offload for one frame. */
 #define VL_RXD_STAT_UDPCS 16

@@ -358,14 +358,15 @@ class LanePoller:
     def wait(self, timeout: float | None, max_events: int) -> list[tuple[int, int]]:
         """Like ``select.epoll.poll(timeout, max_events)``: ready fds Python must handle.
 
-        ``timeout`` in seconds (None: forever) is rounded up to milliseconds, as
-        CPython's epoll does. An interrupted wait returns nothing, so that the
-        caller's loop comes round and Python runs its signal handlers.
+        ``timeout`` in seconds (None: forever) counts to the nanosecond where the
+        kernel has epoll_pwait2, else it is rounded up to milliseconds as CPython's
+        epoll does. An interrupted wait returns nothing, so that the caller's loop
+        comes round and Python runs its signal handlers.
         """
         if self._released:
             self._released.clear()
-        timeout_ms = -1 if timeout is None or timeout < 0 else math.ceil(timeout * 1000)
-        n = self._lib.vl_poller_wait(self._c, timeout_ms, self._fds, self._events,
+        timeout_ns = -1 if timeout is None or timeout < 0 else math.ceil(timeout * 1e9)
+        n = self._lib.vl_poller_wait(self._c, timeout_ns, self._fds, self._events,
                                      min(max_events, self._max))
         if n <= 0:
             if n < 0 and -n != errno.EINTR:
