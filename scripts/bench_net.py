@@ -72,6 +72,9 @@ class Run:
     per_direction: dict[str, dict[str, float]] = field(default_factory=dict)
     """VF only: per-second rates of the server's counters during each iperf3 run
     (server_cpu_pct, REGION_WRITE, irq.sent.N, gptc, gprc, tx_tso_frames, ...)."""
+    per_second: dict[str, list[float]] = field(default_factory=dict)
+    """iperf3's one-second intervals, Gbit/s: a stall and a steady slow rate look
+    alike in the mean."""
     nic_irqs: list[str] = field(default_factory=list)
     """The guest's /proc/interrupts lines of eth0 after the runs (where they landed)."""
     error: str | None = None
@@ -175,10 +178,13 @@ def _run_guest(cfg: LabConfig, ns: NetNs, guest: Guest, run: Run, plan: Plan,
                     if line.startswith("NIC_IRQS ")]
     for tag, _ in DIRECTIONS:
         try:
-            s = summarize(iperf_json(out, tag.upper()))
+            doc = iperf_json(out, tag.upper())
+            s = summarize(doc)
         except (ValueError, KeyError) as e:
             run.error = f"{tag}: {e}"
             continue
+        run.per_second[tag] = [round(i["sum"]["bits_per_second"] / 1e9, 3)
+                               for i in doc.get("intervals", [])]
         run.gbps[tag] = s.received_bps / 1e9
         run.retransmits[tag] = s.retransmits
 
