@@ -214,6 +214,10 @@ struct vl_tx_job {
     /* in and out: the last context descriptor */
     uint32_t have_ctx;
     uint8_t ctx_raw[16];
+    /* in: when set, each packet is copied out of guest memory, completed (DD)
+     * and announced through it before it is sent (vf.c raises the TX cause) */
+    void (*on_complete)(void *arg);
+    void *complete_arg;
     /* out (vl_tx_walk zeroes them first) */
     uint32_t consumed;       /* descriptors done: TDH moves by this much */
     uint32_t completed;      /* RS descriptors given DD */

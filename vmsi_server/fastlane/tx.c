@@ -215,6 +215,18 @@ static int offload(struct packet *p, uint32_t cmd, uint32_t olinfo, const struct
     return 0;
 }
 
+/* DD into the status of each RS descriptor of a packet taken. */
+static void complete_rs(struct vl_tx_job *job, const uint32_t *rs, uint32_t nrs)
+{
+    for (uint32_t k = 0; k < nrs; k++) {
+        uint8_t *e = vl_guest_ptr(job->mem, job->ring_base + (uint64_t)rs[k] * DESC_SIZE,
+                                  DESC_SIZE, 1);
+        uint32_t dd = 1;
+        memcpy(e + STATUS_OFFSET, &dd, 4);
+        job->completed++;
+    }
+}
+
 int vl_tx_walk(struct vl_tx_job *job)
 {
     const struct vl_memmap *mem = job->mem;
@@ -235,6 +247,7 @@ int vl_tx_walk(struct vl_tx_job *job)
         return 0;
     static struct packet p;
     static uint8_t hdr[MAX_HEADER];
+    static uint8_t bounce[MAX_TSO_FRAME + MAX_HEADER];
     uint32_t rs[MAX_CHAIN + 1];
     uint32_t i = 0;
     while (i < pending) {
@@ -318,6 +331,22 @@ int vl_tx_walk(struct vl_tx_job *job)
             niov = p.niov - 1;
         }
         iov[0] = (struct iovec){vnet, VL_VNET_HDR_LEN};
+        if (job->on_complete) {
+            /* As the 82576 writes DD once a packet is in its FIFO, not once it is
+             * on the wire: copy it out, complete it, tell the interrupt unit, and
+             * only then send. The guest's handler runs while the tap write does. */
+            size_t at = 0;
+            for (int k = 1; k < niov; k++) {
+                memcpy(bounce + at, iov[k].iov_base, iov[k].iov_len);
+                at += iov[k].iov_len;
+            }
+            iov[1] = (struct iovec){bounce, at};
+            niov = 2;
+            complete_rs(job, rs, nrs);
+            if (nrs)
+                job->on_complete(job->complete_arg);
+            nrs = 0;
+        }
         if (writev(job->tapfd, iov, niov) < 0) { /* counted, and the packet is gone */
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 job->send_eagain++;
@@ -335,13 +364,7 @@ int vl_tx_walk(struct vl_tx_job *job)
         } else if (kind == 1) {
             job->csum_frames++;
         }
-        for (uint32_t k = 0; k < nrs; k++) {
-            uint8_t *e = vl_guest_ptr(mem, job->ring_base + (uint64_t)rs[k] * DESC_SIZE,
-                                      DESC_SIZE, 1);
-            uint32_t dd = 1;
-            memcpy(e + STATUS_OFFSET, &dd, 4);
-            job->completed++;
-        }
+        complete_rs(job, rs, nrs);
         job->packets++;
         i = j;
         job->consumed = i;

@@ -133,6 +133,13 @@ static void book_tx(struct vl_vf *vf, const struct vl_tx_job *job)
         event(vf, VL_EV_TX_ERRNO, job->send_errno);
 }
 
+/* A packet's RS descriptors have DD: raise the TX cause now, before it is sent. */
+static void tx_completed(void *arg)
+{
+    struct vl_vf *vf = arg;
+    irq_raise(vf, vf->irq[VL_IRQ_TX_BITS]);
+}
+
 /* VfCore._write_tdt; 0 when Python must walk (what C sent stays sent). */
 static int write_tdt(struct vl_vf *vf, uint32_t value)
 {
@@ -151,12 +158,13 @@ static int write_tdt(struct vl_vf *vf, uint32_t value)
         return 0; /* Python walks it in bounded steps */
     job->head = head;
     job->tail = tail;
+    job->on_complete = tx_completed;
+    job->complete_arg = vf;
     vl_tx_walk(job);
+    job->on_complete = NULL; /* a walk Python starts raises the cause itself */
     book_tx(vf, job);
     if (job->consumed)
         ring[VL_RING_HEAD] = (head + job->consumed) % n;
-    if (job->completed)
-        irq_raise(vf, vf->irq[VL_IRQ_TX_BITS]);
     return job->consumed == pending;
 }
 
