@@ -470,9 +470,10 @@ NOTES = [
     "nothing left but address/data write-throughs on affinity moves, so its cut is larger "
     "than the seed's.",
     "- **Total server CPU** adds the I/O process, which in the seed was Xen (not counted in "
-    "dom0) *and* the VF hardware: raising interrupts (EICS) and writing eventfds cost "
-    "Python CPU here (the driver's EIMS re-arm and, under both policies, the mask-bit "
-    "writes are applied by the compiled fast lane). The *floor* run (same interrupts, no "
+    "dom0) *and* the VF hardware: raising interrupts (EICS), the driver's EIMS re-arm "
+    "and the eventfd writes (the VF's compiled hot path, or Python with `--fast-lane off`), "
+    "and under both policies the mask-bit writes (the compiled lane). The *floor* run "
+    "(same interrupts, no "
     "table traffic) measures that part; the row \"above the floor\" is what MSI-X table "
     "traffic costs the server.",
     "- CPU figures are deltas of the server's `cpu.io_process_seconds` and "
