@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from array import array
 from typing import NamedTuple
 
 DESC_SIZE = 16
@@ -288,6 +289,31 @@ class RxWritebackDesc(NamedTuple):
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview, offset: int = 0) -> RxWritebackDesc:
         return cls._make(RX_WB_DESC.unpack_from(data, offset))
+
+
+class RingPointers:
+    """A queue's head and tail, kept in one buffer (``ring``) that the compiled hot
+    path (``fastlane/vf.c``, ``VL_RING_HEAD``/``VL_RING_TAIL``) reads and advances
+    in place, so both sides always see the same pointers."""
+
+    def __init__(self) -> None:
+        self.ring = array("I", [0, 0])
+
+    @property
+    def head(self) -> int:
+        return self.ring[0]
+
+    @head.setter
+    def head(self, value: int) -> None:
+        self.ring[0] = value
+
+    @property
+    def tail(self) -> int:
+        return self.ring[1]
+
+    @tail.setter
+    def tail(self, value: int) -> None:
+        self.ring[1] = value
 
 
 def ring_slots(bal: int, bah: int, length: int) -> tuple[int, int]:

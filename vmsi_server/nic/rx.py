@@ -35,7 +35,6 @@ drops them as hardware would, so the fd never spins: ``rx_disabled``,
 from __future__ import annotations
 
 import struct
-from array import array
 from collections.abc import Callable
 
 import structlog
@@ -57,6 +56,7 @@ from vmsi_server.nic.descriptors import (
     SRRCTL_BSIZEPKT_MASK,
     SRRCTL_DESCTYPE_ADV_ONEBUF,
     SRRCTL_DESCTYPE_MASK,
+    RingPointers,
     ring_slots,
 )
 from vmsi_server.nic.offload import ETH_ALEN, ETH_HLEN, GSO_NONE, VNET_HDR_LEN
@@ -77,12 +77,13 @@ _CSUM_ERRORS = RXD_ERR_IPE | RXD_ERR_TCPE
 _ADDR = struct.Struct("<Q")
 
 
-class RxQueue:
+class RxQueue(RingPointers):
     """The VF's RX queue 0; the register engine stores the ring registers here."""
 
     def __init__(self, memory: Callable[[], DmaMemory | None], backend: PacketBackend,
                  stats: QueueStats, accepts: Callable[[bytes], bool] | None = None,
                  checksum: RxChecksum | None = None, fast: TapRx | None = None) -> None:
+        super().__init__()
         self._memory = memory
         self.checksum = checksum
         self.fast = fast
@@ -93,8 +94,6 @@ class RxQueue:
         self.bal = 0
         self.bah = 0
         self.len = 0
-        self.ring = array("I", [0, 0])
-        """RDH and RDT, in a buffer the compiled doorbell (``fastlane/vf.c``) shares."""
         self.srrctl = 0
         self.rxdctl = 0
         self.max_frame = DEFAULT_MAX_FRAME
@@ -103,22 +102,6 @@ class RxQueue:
         ``accepts`` call. None: every frame asks ``accepts``."""
         self._vhdr = bytearray(VNET_HDR_LEN)
         self._scratch = memoryview(bytearray(MAX_RX_BUFFER))
-
-    @property
-    def head(self) -> int:
-        return self.ring[0]
-
-    @head.setter
-    def head(self, value: int) -> None:
-        self.ring[0] = value
-
-    @property
-    def tail(self) -> int:
-        return self.ring[1]
-
-    @tail.setter
-    def tail(self, value: int) -> None:
-        self.ring[1] = value
 
     def buffer_length(self) -> int:
         """Bytes a frame may use of each buffer: BSIZEPKT capped by SET_LPE's limit."""

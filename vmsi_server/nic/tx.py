@@ -46,7 +46,6 @@ Decisions, with the drop reason counted through ``stats.drop``:
 from __future__ import annotations
 
 import struct
-from array import array
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
@@ -85,6 +84,7 @@ from vmsi_server.nic.descriptors import (
     TXD_POPTS_IXSM,
     TXD_POPTS_TXSM,
     TXDCTL_ENABLE,
+    RingPointers,
     ring_slots,
 )
 from vmsi_server.nic.offload import (
@@ -171,11 +171,12 @@ class TxContext(NamedTuple):
     mss: int
 
 
-class TxQueue:
+class TxQueue(RingPointers):
     """The VF's TX queue 0; the register engine stores the ring registers here."""
 
     def __init__(self, memory: Callable[[], DmaMemory | None], backend: PacketBackend,
                  stats: QueueStats, fast: TapTx | None = None) -> None:
+        super().__init__()
         self._memory = memory
         self.fast = fast
         """The compiled walk over the tap (``fastlane.txpath``), tried first when set."""
@@ -184,8 +185,6 @@ class TxQueue:
         self.bal = 0
         self.bah = 0
         self.len = 0
-        self.ring = array("I", [0, 0])
-        """TDH and TDT, in a buffer the compiled doorbell (``fastlane/vf.c``) shares."""
         self.txdctl = 0
         self.dca_txctrl = 0
         self._ctx: TxContext | None = None
@@ -196,22 +195,6 @@ class TxQueue:
         self.more = False
         """The last ``doorbell()`` stopped at ``budget`` with descriptors left: call
         it again (from the event loop, not recursively) to continue."""
-
-    @property
-    def head(self) -> int:
-        return self.ring[0]
-
-    @head.setter
-    def head(self, value: int) -> None:
-        self.ring[0] = value
-
-    @property
-    def tail(self) -> int:
-        return self.ring[1]
-
-    @tail.setter
-    def tail(self, value: int) -> None:
-        self.ring[1] = value
 
     def reset(self) -> None:
         self.bal = self.bah = self.len = 0
