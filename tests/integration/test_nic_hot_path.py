@@ -99,15 +99,23 @@ def outcome(server: NsServer, drv: Driver, wire: list[bytes], eventfds: list[int
                    snap["devices"]["vf0"].get("fast_lane"))
 
 
-def both(tmp_path: Path, scenario: Callable[[NsServer, Driver], Outcome]) -> tuple[Outcome,
-                                                                                  Outcome]:
+Scenario = Callable[[NsServer, Driver], Outcome]
+
+
+def run_both(tmp_path: Path, scenario: Scenario) -> tuple[Outcome, Outcome]:
+    """The scenario's outcome with the hot path, then without."""
     if not fastlane.available():
         pytest.skip(fastlane.unavailable_reason() or "fast lane not built")
     results = []
     for compiled in (True, False):
         with driven(tmp_path, compiled) as (server, drv):
             results.append(scenario(server, drv))
-    c, py = results
+    return results[0], results[1]
+
+
+def both(tmp_path: Path, scenario: Scenario) -> tuple[Outcome, Outcome]:
+    """``run_both``, holding the two runs to the same outcome."""
+    c, py = run_both(tmp_path, scenario)
     assert c.wire == py.wire
     assert c.ram == py.ram
     assert c.registers == py.registers
@@ -282,13 +290,7 @@ def dma_scenario(server: NsServer, drv: Driver) -> Outcome:
 def test_dma_going_away_and_coming_back(tmp_path: Path) -> None:
     """The last doorbell is C's again only in the compiled run: both runs agree on
     everything but that count, so it is compared apart."""
-    if not fastlane.available():
-        pytest.skip(fastlane.unavailable_reason() or "fast lane not built")
-    results = []
-    for compiled in (True, False):
-        with driven(tmp_path, compiled) as (server, drv):
-            results.append(dma_scenario(server, drv))
-    c, py = results
+    c, py = run_both(tmp_path, dma_scenario)
     *c_fired, c_served = c.eventfds
     *py_fired, py_served = py.eventfds
     assert c_fired == py_fired and c.ram == py.ram and c.registers == py.registers
