@@ -180,11 +180,13 @@ class GuestMemory:
             self.deferred_unmaps += 1
             _log.warning("dma.unmap_deferred", iova=hex(region.start), size=hex(region.size),
                          reason="a memoryview of the range is still held")
-        for listener in list(self._change_listeners):
-            listener()
+        self._notify_change()
 
     def _changed(self) -> None:
         self.generation += 1
+        self._notify_change()
+
+    def _notify_change(self) -> None:
         for listener in list(self._change_listeners):
             listener()
 
